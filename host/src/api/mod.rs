@@ -1,0 +1,111 @@
+//! The REST API: Para's `/v1` routes for things.
+//!
+//! Routes take the plural and the singular type (`/v1/things`,
+//! `/v1/thing`), as Para's clients use both. Every error is JSON
+//! `{"code","message"}` ([`error::ApiError`]).
+
+pub mod error;
+pub mod things;
+
+use crate::config::Config;
+use crate::model::IdGenerator;
+use crate::runtime::registry::BrokerRegistry;
+use crate::store::Store;
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, Request};
+use axum::http::StatusCode;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use error::ApiError;
+use std::sync::Arc;
+
+/// What every handler shares.
+pub struct ApiState {
+    /// The host config.
+    pub config: Config,
+    /// Storage.
+    pub store: Arc<dyn Store>,
+    /// Loaded brokers.
+    pub registry: Arc<BrokerRegistry>,
+    /// Para id generator.
+    pub ids: IdGenerator,
+}
+
+/// Who is calling: every storage access is scoped by this app.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// App id without the `app:` prefix.
+    pub appid: String,
+}
+
+/// Builds the router.
+pub fn router(state: Arc<ApiState>) -> Router {
+    let root_app = Caller {
+        appid: state.config.app_name.clone(),
+    };
+    // Bodies are checked against para.max_entity_size_bytes by the handlers,
+    // so that the answer is Para's 400 with a clear message; this outer cap
+    // only stops a client from streaming unbounded data.
+    let hard_cap = state.config.max_entity_size.saturating_mul(2).max(64 * 1024);
+    Router::new()
+        .route("/v1/{type}", get(things::list).post(things::create))
+        .route(
+            "/v1/{type}/{id}",
+            get(things::read)
+                .put(things::put)
+                .patch(things::patch)
+                .delete(things::delete),
+        )
+        .layer(middleware::from_fn(move |mut req: Request, next: Next| {
+            let caller = root_app.clone();
+            async move {
+                req.extensions_mut().insert(caller);
+                next.run(req).await
+            }
+        }))
+        .route("/healthz", get(|| async { "ok" }))
+        .fallback(|| async {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "No such route. This host serves /v1/things and /v1/things/{id}.",
+            )
+        })
+        .layer(middleware::from_fn(json_errors))
+        .layer(DefaultBodyLimit::max(hard_cap))
+        .with_state(state)
+}
+
+/// Turns axum's own plain-text rejections (405, 413, bad paths) into
+/// Para's JSON error shape.
+async fn json_errors(req: Request, next: Next) -> Response {
+    let method = req.method().clone();
+    let res = next.run(req).await;
+    let is_json = res
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if res.status().is_success() || is_json {
+        return res;
+    }
+    let status = res.status();
+    let message = match status {
+        StatusCode::METHOD_NOT_ALLOWED => format!(
+            "Method {method} is not allowed here. Things take GET, POST on /v1/things and GET, PUT, PATCH, DELETE on /v1/things/{{id}}."
+        ),
+        StatusCode::PAYLOAD_TOO_LARGE => {
+            "Request is too large. The limit is para.max_entity_size_bytes.".to_string()
+        }
+        other => other
+            .canonical_reason()
+            .unwrap_or("Request failed")
+            .to_string(),
+    };
+    let status = if status == StatusCode::PAYLOAD_TOO_LARGE {
+        StatusCode::BAD_REQUEST
+    } else {
+        status
+    };
+    ApiError::new(status, message).into_response()
+}

@@ -1,0 +1,85 @@
+//! The command line: `serve`, and `broker check`.
+//!
+//! Why clap: derive-based, well kept, and it writes the `--help` text.
+
+use crate::config::Config;
+use crate::runtime::engine::new_engine;
+use crate::runtime::registry::inspect;
+use clap::{Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// para-host: a Para-compatible backend with WebAssembly IoT brokers.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the host: the /v1 API and the broker poll loops.
+    Serve {
+        /// Config file (flat `para.key = value` TOML/HOCON). PARA_* env vars override it.
+        #[arg(long, short, env = "PARA_CONFIG_FILE")]
+        config: Option<PathBuf>,
+        /// Listen address (overrides para.host.listen), e.g. 127.0.0.1:0.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Database file (overrides para.host.db).
+        #[arg(long)]
+        db: Option<PathBuf>,
+    },
+    /// Work with broker components.
+    Broker {
+        /// What to do with the broker.
+        #[command(subcommand)]
+        command: BrokerCommand,
+    },
+}
+
+/// `broker` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum BrokerCommand {
+    /// Load a component and report whether it implements the contract.
+    Check {
+        /// The component file (`.wasm`, built for wasm32-wasip2).
+        component: PathBuf,
+    },
+}
+
+/// Runs the parsed command.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve { config, listen, db } => {
+            let mut cfg = Config::load(config.as_deref())?;
+            if let Some(l) = listen {
+                cfg.listen = l;
+            }
+            if let Some(d) = db {
+                cfg.db_path = d;
+            }
+            crate::serve::serve(cfg).await
+        }
+        Command::Broker {
+            command: BrokerCommand::Check { component },
+        } => {
+            let engine = new_engine()?;
+            let (_, _, report) = inspect(&engine, "check", &component)?;
+            println!(
+                "ok: {} implements {} (contract version {})",
+                component.display(),
+                report.export,
+                report.version
+            );
+            println!("imports:");
+            for i in report.imports {
+                println!("  {i}");
+            }
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,303 @@
+//! Test harness: starts the real `para-host` and the Azure IoT Hub
+//! emulator as separate processes on 127.0.0.1 with OS-assigned ports, and
+//! talks to them over real HTTP.
+//!
+//! The HTTP client is a few dozen lines over `std::net::TcpStream` on
+//! purpose: tests control every byte sent (bodies, lengths, headers) and
+//! depend on nothing that could hide a protocol mistake.
+
+use serde_json::Value;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// Where the fixture components were built.
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("FIXTURES_DIR")).join(format!("fixture_{name}.wasm"))
+}
+
+/// A workspace binary next to the test executable (`target/<profile>/`).
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test exe path");
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is not built; run the tests with `cargo test --workspace`",
+        path.display()
+    );
+    path
+}
+
+/// A fresh directory under the target dir for one test.
+pub fn temp_dir(tag: &str) -> PathBuf {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let exe = std::env::current_exe().expect("test exe path");
+    let base = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target dir")
+        .join("test-tmp");
+    let dir = base.join(format!(
+        "{tag}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create temp dir");
+    dir
+}
+
+/// A response: status, headers (lowercased names) and body.
+#[derive(Debug, Clone)]
+pub struct Response {
+    /// HTTP status.
+    pub status: u16,
+    /// Headers, names lowercased.
+    pub headers: Vec<(String, String)>,
+    /// Raw body.
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    /// The body as JSON (panics with the body text if it is not).
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "status {} body is not JSON ({e}): {}",
+                self.status,
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+
+    /// A header value.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Sends one HTTP/1.1 request and reads the whole response.
+pub fn request(
+    base: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+) -> std::io::Result<Response> {
+    let authority = base.trim_start_matches("http://").trim_end_matches('/');
+    let mut stream = TcpStream::connect(authority)?;
+    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if let Some(b) = body {
+        head.push_str(&format!("Content-Length: {}\r\n", b.len()));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes())?;
+    if let Some(b) = body {
+        stream.write_all(b)?;
+    }
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    parse_response(&raw)
+}
+
+fn parse_response(raw: &[u8]) -> std::io::Result<Response> {
+    let bad = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, m.to_string());
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| bad("no header end"))?;
+    let head = String::from_utf8_lossy(&raw[..split]).to_string();
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().ok_or_else(|| bad("no status line"))?;
+    let status: u16 = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| bad("bad status line"))?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_lowercase(), v.trim().to_string()))
+        .collect();
+    let mut body = raw[split + 4..].to_vec();
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"));
+    if chunked {
+        body = dechunk(&body);
+    }
+    Ok(Response {
+        status,
+        headers,
+        body,
+    })
+}
+
+fn dechunk(mut data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(pos) = data.windows(2).position(|w| w == b"\r\n") {
+        let size = usize::from_str_radix(String::from_utf8_lossy(&data[..pos]).trim(), 16).unwrap_or(0);
+        if size == 0 {
+            break;
+        }
+        let start = pos + 2;
+        let end = (start + size).min(data.len());
+        out.extend_from_slice(&data[start..end]);
+        data = &data[(end + 2).min(data.len())..];
+    }
+    out
+}
+
+/// A running process that prints one JSON "ready" line on stdout.
+pub struct Process {
+    child: Child,
+    /// The ready line.
+    pub ready: Value,
+}
+
+impl Process {
+    /// Spawns `cmd` and waits (up to 120 s) for its JSON ready line.
+    pub fn spawn(mut cmd: Command) -> Result<Process, String> {
+        cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
+        let mut child = cmd.spawn().map_err(|e| format!("spawn failed: {e}"))?;
+        let stdout = child.stdout.take().ok_or("no stdout")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut reader = BufReader::new(stdout);
+            let mut line = String::new();
+            let _ = reader.read_line(&mut line);
+            let _ = tx.send(line);
+            // Keep draining so the child never blocks on a full pipe.
+            let mut sink = String::new();
+            while reader.read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
+                sink.clear();
+            }
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(120))
+            .map_err(|_| "no ready line within 120 s".to_string())?;
+        if line.trim().is_empty() {
+            let status = child.wait().map_err(|e| e.to_string())?;
+            return Err(format!("process exited before it was ready: {status}"));
+        }
+        let ready = serde_json::from_str(line.trim()).map_err(|e| format!("ready line {line:?}: {e}"))?;
+        Ok(Process { child, ready })
+    }
+
+    /// Waits for the process to exit by itself (e.g. after a crash).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// Stops the process (SIGKILL) and waits for it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A running host.
+pub struct Host {
+    /// The process.
+    pub process: Process,
+    /// `http://127.0.0.1:PORT`.
+    pub base: String,
+}
+
+impl Host {
+    /// Starts `para-host serve` with this config file content (the listen
+    /// address is always 127.0.0.1:0 and the database lives in `dir`).
+    pub fn start(dir: &Path, config: &str) -> Host {
+        Self::try_start(dir, config).unwrap_or_else(|e| panic!("host did not start: {e}"))
+    }
+
+    /// Like [`Host::start`], returning the failure instead.
+    pub fn try_start(dir: &Path, config: &str) -> Result<Host, String> {
+        let cfg = dir.join("para-host.toml");
+        std::fs::write(&cfg, config).map_err(|e| e.to_string())?;
+        let mut cmd = Command::new(workspace_bin("para-host"));
+        cmd.arg("serve")
+            .arg("--config")
+            .arg(&cfg)
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--db")
+            .arg(dir.join("para.db"))
+            .env("RUST_LOG", "info,wasmtime=warn,cranelift=warn");
+        for (k, _) in std::env::vars() {
+            if k.starts_with("PARA_") {
+                cmd.env_remove(k);
+            }
+        }
+        let process = Process::spawn(cmd)?;
+        let base = process.ready["listening"]
+            .as_str()
+            .ok_or("ready line has no 'listening'")?
+            .to_string();
+        Ok(Host { process, base })
+    }
+
+    /// Sends a request with an optional JSON body.
+    pub fn call(&self, method: &str, path: &str, body: Option<&Value>) -> Response {
+        let bytes = body.map(|b| b.to_string().into_bytes());
+        self.raw(method, path, bytes.as_deref())
+    }
+
+    /// Sends raw body bytes.
+    pub fn raw(&self, method: &str, path: &str, body: Option<&[u8]>) -> Response {
+        request(
+            &self.base,
+            method,
+            path,
+            &[("Content-Type", "application/json")],
+            body,
+        )
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+    }
+
+    /// Polls `check` until it returns Some, or panics after `timeout`.
+    pub fn eventually<T>(&self, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(v) = check() {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "condition not met within {timeout:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// A config for a host with one broker name mapped to a component.
+pub fn broker_config(name: &str, component: &Path, extra: &str) -> String {
+    format!(
+        "para.iot_enabled = true\npara.host.poll_interval_ms = 100\npara.host.poll_max_backoff_ms = 1000\npara.brokers.{name}.component = {:?}\n{extra}\n",
+        component.display().to_string()
+    )
+}
