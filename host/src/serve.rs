@@ -31,25 +31,6 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         tracing::warn!("IoT is disabled (para.iot_enabled = false): creating things will be refused");
     }
 
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let settings = PollSettings {
-        interval: config.poll_interval,
-        max_backoff: config.poll_max_backoff,
-        stale_create: (config.limits.call_timeout * 2).max(Duration::from_secs(30)),
-        crash_before_commit: config.fault_crash_before_commit,
-    };
-    let mut pollers = Vec::new();
-    if config.iot_enabled {
-        for broker in registry.all() {
-            pollers.push(tokio::spawn(poller::run(
-                broker.clone(),
-                store.clone(),
-                settings,
-                stop_rx.clone(),
-            )));
-        }
-    }
-
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
@@ -66,6 +47,26 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         writeln!(out, "{}", serde_json::json!({ "listening": format!("http://{addr}") }))?;
         out.flush()?;
     }
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let settings = PollSettings {
+        interval: state.config.poll_interval,
+        max_backoff: state.config.poll_max_backoff,
+        stale_create: (state.config.limits.call_timeout * 2).max(Duration::from_secs(30)),
+        crash_before_commit: state.config.fault_crash_before_commit,
+    };
+    let mut pollers = Vec::new();
+    if state.config.iot_enabled {
+        for broker in state.registry.all() {
+            pollers.push(tokio::spawn(poller::run(
+                broker.clone(),
+                state.store.clone(),
+                settings,
+                stop_rx.clone(),
+            )));
+        }
+    }
+
+    // Poll loops start after the ready line, so a caller never races them.
     axum::serve(listener, api::router(state))
         .with_graceful_shutdown(shutdown_signal())
         .await?;

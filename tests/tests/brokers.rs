@@ -185,7 +185,7 @@ fn egress_reaches_only_allowed_hosts() {
     let host = Host::start(&dir, &cfg);
     let msg = post(&host, "egress", "H").json()["message"].as_str().unwrap().to_string();
     assert_eq!(msg.matches("HttpRequestDenied").count(), 1, "{msg}");
-    assert!(msg.contains("127.0.0.1:9: refused: ConnectionRefused"), "{msg}");
+    assert!(msg.contains("127.0.0.1:9: refused: ErrorCode::ConnectionRefused"), "{msg}");
     // Plain http to a non-loopback host is refused at start.
     let dir = temp_dir("egress-bad");
     let cfg = broker_config("H", &fixture("hostile"), "para.brokers.H.allowed_hosts = [\"http://example.com\"]");
