@@ -8,10 +8,14 @@ use std::process::Command;
 const FIXTURES: &[&str] = &["fixture-loopback", "fixture-hostile", "fixture-incomplete"];
 
 fn main() {
-    let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| ".".into()));
+    let manifest =
+        PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| ".".into()));
     let root = manifest.parent().unwrap_or(&manifest).to_path_buf();
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap_or_else(|_| ".".into()));
-    println!("cargo:rerun-if-changed={}", manifest.join("fixtures").display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        manifest.join("fixtures").display()
+    );
     println!("cargo:rerun-if-changed={}", root.join("wit").display());
     let target_dir = out
         .ancestors()

@@ -5,6 +5,8 @@
 use crate::config::Config;
 use crate::runtime::engine::new_engine;
 use crate::runtime::registry::inspect;
+use crate::store::Store;
+use crate::store::sqlite::SqliteStore;
 use clap::{Parser, Subcommand};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -33,12 +35,36 @@ pub enum Command {
         #[arg(long)]
         db: Option<PathBuf>,
     },
+    /// Manage apps (the owners of things and holders of API credentials).
+    App {
+        /// Config file, for the database and master key locations.
+        #[arg(long, short, env = "PARA_CONFIG_FILE", global = true)]
+        config: Option<PathBuf>,
+        /// Database file (overrides para.host.db).
+        #[arg(long, global = true)]
+        db: Option<PathBuf>,
+        /// What to do.
+        #[command(subcommand)]
+        command: AppCommand,
+    },
     /// Work with broker components.
     Broker {
         /// What to do with the broker.
         #[command(subcommand)]
         command: BrokerCommand,
     },
+}
+
+/// `app` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum AppCommand {
+    /// Create an app; prints its credentials once.
+    Create {
+        /// The app name; its access key is `app:<name>`.
+        name: String,
+    },
+    /// List apps (ids and status; never secrets).
+    List,
 }
 
 /// `broker` subcommands.
@@ -63,6 +89,39 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 cfg.db_path = d;
             }
             crate::serve::serve(cfg).await
+        }
+        Command::App {
+            config,
+            db,
+            command,
+        } => {
+            let mut cfg = Config::load(config.as_deref())?;
+            if let Some(d) = db {
+                cfg.db_path = d;
+            }
+            let store = SqliteStore::open(&cfg.db_path)?;
+            let keys = crate::serve::app_keys(&cfg)?;
+            keys.ensure_root(&store)?;
+            match command {
+                AppCommand::Create { name } => {
+                    let creds = keys.create_app(&store, &name)?;
+                    println!(
+                        "{}",
+                        serde_json::json!({"accessKey": creds.access_key, "secretKey": creds.secret_key})
+                    );
+                    eprintln!("Save the secret key now: it is not shown again.");
+                }
+                AppCommand::List => {
+                    for app in store.app_list()? {
+                        println!(
+                            "{}\t{}",
+                            app.id,
+                            if app.active { "active" } else { "inactive" }
+                        );
+                    }
+                }
+            }
+            Ok(())
         }
         Command::Broker {
             command: BrokerCommand::Check { component },

@@ -57,6 +57,14 @@ pub struct Config {
     pub iot_enabled: bool,
     /// `para.app_name`: the root app, owner of things when auth is off.
     pub app_name: String,
+    /// `para.app_secret_key`: the root app's secret, if set in config
+    /// (otherwise derived and printed once at first start).
+    pub app_secret_key: Option<String>,
+    /// `para.request_expires_after`: the SigV4 date window, seconds.
+    pub request_expires_after: i64,
+    /// `para.host.master_key_file`: the key app secrets are derived from
+    /// (default `<db>.key`); `PARA_HOST_MASTER_KEY` overrides it.
+    pub master_key_file: Option<PathBuf>,
     /// `para.worker_id`: the snowflake worker id (0..=31).
     pub worker_id: u64,
     /// `para.max_entity_size_bytes`: the largest request body accepted.
@@ -159,13 +167,20 @@ impl Config {
             iot_enabled: parse_or(&raw, "para.iot_enabled", Some(false))?,
             app_name: get("para.app_name").unwrap_or("para").to_string(),
             worker_id: parse_or(&raw, "para.worker_id", Some(1))?,
+            app_secret_key: get("para.app_secret_key").map(str::to_string),
+            request_expires_after: parse_or(&raw, "para.request_expires_after", Some(900))?,
+            master_key_file: get("para.host.master_key_file").map(PathBuf::from),
             max_entity_size: parse_or(&raw, "para.max_entity_size_bytes", Some(1024 * 1024))?,
             default_page_size: parse_or(&raw, "para.max_items_per_page", Some(30))?,
             max_page_limit: parse_or(&raw, "para.max_page_limit", Some(256))?,
             listen,
             db_path: PathBuf::from(get("para.host.db").unwrap_or("para-host.db")),
             poll_interval: ms(parse_or(&raw, "para.host.poll_interval_ms", Some(2000))?),
-            poll_max_backoff: ms(parse_or(&raw, "para.host.poll_max_backoff_ms", Some(60_000))?),
+            poll_max_backoff: ms(parse_or(
+                &raw,
+                "para.host.poll_max_backoff_ms",
+                Some(60_000),
+            )?),
             limits: Limits {
                 call_timeout: ms(parse_or(&raw, "para.host.call_timeout_ms", Some(15_000))?),
                 cpu_budget: ms(parse_or(&raw, "para.host.cpu_budget_ms", Some(2_000))?),
@@ -174,7 +189,11 @@ impl Config {
                     * 1024,
             },
             tls_ca_file: get("para.host.tls_ca_file").map(PathBuf::from),
-            fault_crash_before_commit: parse_or(&raw, "para.host.fault_crash_before_commit", Some(false))?,
+            fault_crash_before_commit: parse_or(
+                &raw,
+                "para.host.fault_crash_before_commit",
+                Some(false),
+            )?,
             brokers,
             raw,
         })
@@ -189,9 +208,18 @@ impl Config {
             .collect()
     }
 
-    /// Overrides one raw key (used by the CLI's `--listen`, `--db`).
-    pub fn set_listen(&mut self, listen: SocketAddr) {
-        self.listen = listen;
+    /// Where the master key lives: configured, or next to the database.
+    pub fn master_key_path(&self) -> PathBuf {
+        self.master_key_file.clone().unwrap_or_else(|| {
+            let mut p = self.db_path.clone().into_os_string();
+            p.push(".key");
+            PathBuf::from(p)
+        })
+    }
+
+    /// `PARA_HOST_MASTER_KEY` or `para.host.master_key`, if set.
+    pub fn master_key_override(&self) -> Option<&str> {
+        self.raw.get("para.host.master_key").map(String::as_str)
     }
 }
 
@@ -236,7 +264,9 @@ where
     }
 }
 
-fn broker_table(raw: &BTreeMap<String, String>) -> Result<BTreeMap<String, BrokerConfig>, ConfigError> {
+fn broker_table(
+    raw: &BTreeMap<String, String>,
+) -> Result<BTreeMap<String, BrokerConfig>, ConfigError> {
     let mut names: Vec<String> = Vec::new();
     for key in raw.keys() {
         if let Some(rest) = key.strip_prefix("para.brokers.")
@@ -261,18 +291,22 @@ fn broker_table(raw: &BTreeMap<String, String>) -> Result<BTreeMap<String, Broke
     }
     for name in names {
         let key = |field: &str| format!("para.brokers.{name}.{field}");
-        let component = raw.get(&key("component")).ok_or_else(|| ConfigError::Invalid {
-            key: key("component"),
-            value: String::new(),
-            why: format!("broker {name} needs the path of its .wasm component"),
-        })?;
+        let component = raw
+            .get(&key("component"))
+            .ok_or_else(|| ConfigError::Invalid {
+                key: key("component"),
+                value: String::new(),
+                why: format!("broker {name} needs the path of its .wasm component"),
+            })?;
         let allowed_hosts = match raw.get(&key("allowed_hosts")) {
             None => Vec::new(),
-            Some(v) => serde_json::from_str::<Vec<String>>(v).map_err(|e| ConfigError::Invalid {
-                key: key("allowed_hosts"),
-                value: v.clone(),
-                why: format!("expected a list of \"scheme://host[:port]\" strings ({e})"),
-            })?,
+            Some(v) => {
+                serde_json::from_str::<Vec<String>>(v).map_err(|e| ConfigError::Invalid {
+                    key: key("allowed_hosts"),
+                    value: v.clone(),
+                    why: format!("expected a list of \"scheme://host[:port]\" strings ({e})"),
+                })?
+            }
         };
         let namespace = raw
             .get(&key("config_namespace"))
@@ -323,7 +357,10 @@ fn flatten(prefix: &str, value: &toml::Value, out: &mut BTreeMap<String, String>
                     other => serde_json::Value::String(other.to_string()),
                 })
                 .collect();
-            out.insert(prefix.to_string(), serde_json::Value::Array(json).to_string());
+            out.insert(
+                prefix.to_string(),
+                serde_json::Value::Array(json).to_string(),
+            );
         }
         other => {
             out.insert(prefix.to_string(), other.to_string());
@@ -356,9 +393,15 @@ para.brokers.Azure.allowed_hosts = ["https://{iot_hostname}"]
         assert!(c.iot_enabled);
         assert_eq!(c.poll_interval, Duration::from_millis(50));
         let keys = c.broker_keys("azure");
-        assert_eq!(keys.get("iot_hostname").map(String::as_str), Some("hub.example"));
+        assert_eq!(
+            keys.get("iot_hostname").map(String::as_str),
+            Some("hub.example")
+        );
         assert_eq!(keys.get("iot_access_key").map(String::as_str), Some("k"));
-        assert_eq!(c.brokers["Azure"].allowed_hosts, vec!["https://{iot_hostname}"]);
+        assert_eq!(
+            c.brokers["Azure"].allowed_hosts,
+            vec!["https://{iot_hostname}"]
+        );
     }
 
     #[test]

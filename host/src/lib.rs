@@ -7,9 +7,11 @@
 //! 3. [`api`] and [`poller`]
 //! 4. [`runtime`]: engine, limits, egress, config, storage, registry
 //! 5. [`store`]: the storage trait and its SQLite implementation
-//! 6. [`model`] and [`config`]
+//! 6. [`model`], [`config`], and the pure [`auth`] checks and [`apps`] keys
 
 pub mod api;
+pub mod apps;
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod model;

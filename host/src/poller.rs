@@ -103,7 +103,9 @@ async fn round(
                 state,
                 written_at: c.written_at,
             }),
-            _ => tracing::warn!(broker = %name, thing = %c.thing_id, "skipped a change whose state is not a JSON object"),
+            _ => {
+                tracing::warn!(broker = %name, thing = %c.thing_id, "skipped a change whose state is not a JSON object")
+            }
         }
     }
     if settings.crash_before_commit && !updates.is_empty() {
@@ -127,7 +129,10 @@ async fn janitor(broker: &LoadedBroker, store: &dyn Store, stale_create: Duratio
             return;
         }
     };
-    for (thing, lifecycle) in rows.into_iter().filter(|(t, _)| t.service_broker == broker.name()) {
+    for (thing, lifecycle) in rows
+        .into_iter()
+        .filter(|(t, _)| t.service_broker == broker.name())
+    {
         match broker.delete(&thing).await {
             Ok(()) => {
                 if let Err(e) = store.remove(&thing.appid, &thing.id) {

@@ -2,6 +2,7 @@
 //! poll loops and the REST API.
 
 use crate::api::{self, ApiState};
+use crate::apps::AppKeys;
 use crate::config::Config;
 use crate::model::IdGenerator;
 use crate::poller::{self, PollSettings};
@@ -25,10 +26,20 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         SqliteStore::open(&config.db_path)
             .with_context(|| format!("opening database {}", config.db_path.display()))?,
     );
+    let keys = app_keys(&config)?;
+    if let Some(root) = keys.ensure_root(store.as_ref())? {
+        // Shown once, now; the secret is never stored or logged.
+        eprintln!(
+            "\n  Root app created. Save these credentials now; they are not shown again.\n    access key: {}\n    secret key: {}\n",
+            root.access_key, root.secret_key
+        );
+    }
     let engine = new_engine()?;
     let registry = Arc::new(BrokerRegistry::load(&engine, &config, store.clone())?);
     if !config.iot_enabled {
-        tracing::warn!("IoT is disabled (para.iot_enabled = false): creating things will be refused");
+        tracing::warn!(
+            "IoT is disabled (para.iot_enabled = false): creating things will be refused"
+        );
     }
 
     let listener = tokio::net::TcpListener::bind(config.listen)
@@ -37,6 +48,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     let state = Arc::new(ApiState {
         ids: IdGenerator::new(config.worker_id),
+        keys,
         config,
         store,
         registry,
@@ -44,7 +56,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     tracing::info!(%addr, "para-host listening");
     {
         let mut out = std::io::stdout().lock();
-        writeln!(out, "{}", serde_json::json!({ "listening": format!("http://{addr}") }))?;
+        writeln!(
+            out,
+            "{}",
+            serde_json::json!({ "listening": format!("http://{addr}") })
+        )?;
         out.flush()?;
     }
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -75,6 +91,16 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         let _ = p.await;
     }
     Ok(())
+}
+
+/// Loads the master key and the root app's configured secret.
+pub fn app_keys(config: &Config) -> anyhow::Result<AppKeys> {
+    Ok(AppKeys::load(
+        &config.master_key_path(),
+        config.master_key_override(),
+        &config.app_name,
+        config.app_secret_key.clone(),
+    )?)
 }
 
 async fn shutdown_signal() {

@@ -9,7 +9,11 @@ use std::time::{Duration, Instant};
 const LIMITS: &str = "para.host.cpu_budget_ms = 300\npara.host.call_timeout_ms = 8000\npara.host.memory_limit_mb = 32";
 
 fn post(host: &Host, name: &str, broker: &str) -> para_tests::Response {
-    host.call("POST", "/v1/things", Some(&json!({"name": name, "serviceBroker": broker})))
+    host.call(
+        "POST",
+        "/v1/things",
+        Some(&json!({"name": name, "serviceBroker": broker})),
+    )
 }
 
 #[test]
@@ -35,10 +39,21 @@ fn state_of(host: &Host, id: &str) -> Value {
 fn poll_timer_brings_device_changes_into_device_state() {
     let dir = temp_dir("poll");
     let host = Host::start(&dir, &broker_config("Loop", &fixture("loopback"), ""));
-    let id = post(&host, "p", "Loop").json()["id"].as_str().unwrap().to_string();
-    let res = host.call("PATCH", &format!("/v1/things/{id}"), Some(&json!({"deviceState": {"temp": 21}})));
+    let id = post(&host, "p", "Loop").json()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let res = host.call(
+        "PATCH",
+        &format!("/v1/things/{id}"),
+        Some(&json!({"deviceState": {"temp": 21}})),
+    );
     assert_eq!(res.status, 200);
-    assert_eq!(res.json()["deviceState"], json!({"temp": 21}), "the PATCH answer is the API's write");
+    assert_eq!(
+        res.json()["deviceState"],
+        json!({"temp": 21}),
+        "the PATCH answer is the API's write"
+    );
     // The loopback "device" echoes the state back; the timer applies it.
     host.eventually(Duration::from_secs(10), || {
         let s = state_of(&host, &id);
@@ -50,19 +65,37 @@ fn poll_timer_brings_device_changes_into_device_state() {
 fn a_crash_between_poll_and_commit_loses_nothing() {
     let dir = temp_dir("crash");
     // Host 1 polls rarely: it creates the thing and queues a device change.
-    let slow = broker_config("Loop", &fixture("loopback"), "para.host.poll_interval_ms = 600000")
-        .replace("para.host.poll_interval_ms = 100\n", "");
+    let slow = broker_config(
+        "Loop",
+        &fixture("loopback"),
+        "para.host.poll_interval_ms = 600000",
+    )
+    .replace("para.host.poll_interval_ms = 100\n", "");
     let id = {
         let host = Host::start(&dir, &slow);
-        let id = post(&host, "c", "Loop").json()["id"].as_str().unwrap().to_string();
-        let res = host.call("PATCH", &format!("/v1/things/{id}"), Some(&json!({"deviceState": {"v": 1}})));
+        let id = post(&host, "c", "Loop").json()["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let res = host.call(
+            "PATCH",
+            &format!("/v1/things/{id}"),
+            Some(&json!({"deviceState": {"v": 1}})),
+        );
         assert_eq!(res.status, 200);
         id
     };
     // Host 2 polls, gets the change, and crashes before committing it.
-    let crashing = broker_config("Loop", &fixture("loopback"), "para.host.fault_crash_before_commit = true");
+    let crashing = broker_config(
+        "Loop",
+        &fixture("loopback"),
+        "para.host.fault_crash_before_commit = true",
+    );
     let mut host = Host::start(&dir, &crashing);
-    let status = host.process.wait_exit(Duration::from_secs(20)).expect("host 2 should crash");
+    let status = host
+        .process
+        .wait_exit(Duration::from_secs(20))
+        .expect("host 2 should crash");
     assert!(!status.success());
     drop(host);
     // Host 3 re-delivers from the committed cursor: the change arrives.
@@ -75,7 +108,11 @@ fn a_crash_between_poll_and_commit_loses_nothing() {
 #[test]
 fn a_component_missing_an_export_is_refused_at_start() {
     let dir = temp_dir("incomplete");
-    std::fs::write(dir.join("c.toml"), broker_config("Bad", &fixture("incomplete"), "")).unwrap();
+    std::fs::write(
+        dir.join("c.toml"),
+        broker_config("Bad", &fixture("incomplete"), ""),
+    )
+    .unwrap();
     let out = Command::new(workspace_bin("para-host"))
         .args(["serve", "--listen", "127.0.0.1:0", "--config"])
         .arg(dir.join("c.toml"))
@@ -121,10 +158,18 @@ fn broker_errors_map_to_http_statuses() {
         ("panic", 502, "broker H crashed"),
     ] {
         let res = post(&host, name, "H");
-        assert_eq!(res.status, status, "{name}: {}", String::from_utf8_lossy(&res.body));
+        assert_eq!(
+            res.status,
+            status,
+            "{name}: {}",
+            String::from_utf8_lossy(&res.body)
+        );
         let msg = res.json()["message"].as_str().unwrap().to_string();
         assert!(msg.contains(needle), "{name}: {msg}");
-        assert!(msg.contains("H"), "{name}: the message names the broker: {msg}");
+        assert!(
+            msg.contains("H"),
+            "{name}: the message names the broker: {msg}"
+        );
         if name == "throttle" {
             assert_eq!(res.header("retry-after"), Some("3"));
         }
@@ -138,6 +183,7 @@ fn hostile_components_are_stopped_and_the_host_keeps_serving() {
     let dir = temp_dir("hostile");
     let host = Host::start(&dir, &broker_config("H", &fixture("hostile"), LIMITS));
     let base = host.base.clone();
+    let auth = host.auth();
     // A looping guest runs in the background while other requests go on.
     let spinner = std::thread::spawn(move || {
         let t = Instant::now();
@@ -145,7 +191,10 @@ fn hostile_components_are_stopped_and_the_host_keeps_serving() {
             &base,
             "POST",
             "/v1/things",
-            &[("Content-Type", "application/json")],
+            &[
+                ("Content-Type", "application/json"),
+                ("Authorization", &auth),
+            ],
             Some(br#"{"name":"spin","serviceBroker":"H"}"#),
         )
         .unwrap();
@@ -160,12 +209,25 @@ fn hostile_components_are_stopped_and_the_host_keeps_serving() {
     let others = t.elapsed();
     let (spin, spin_time) = spinner.join().unwrap();
     assert_eq!(spin.status, 504, "{}", String::from_utf8_lossy(&spin.body));
-    assert!(spin.json()["message"].as_str().unwrap().contains("CPU budget"));
-    assert!(others < spin_time, "other requests waited for the looping guest");
+    assert!(
+        spin.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("CPU budget")
+    );
+    assert!(
+        others < spin_time,
+        "other requests waited for the looping guest"
+    );
 
     let hog = post(&host, "hog", "H");
     assert_eq!(hog.status, 502, "{}", String::from_utf8_lossy(&hog.body));
-    assert!(hog.json()["message"].as_str().unwrap().contains("ran out of memory"));
+    assert!(
+        hog.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("ran out of memory")
+    );
 
     let egress = post(&host, "egress", "H");
     assert_eq!(egress.status, 502);
@@ -181,14 +243,28 @@ fn egress_reaches_only_allowed_hosts() {
     // With 127.0.0.1:9 allowed, that call gets past the allowlist (and then
     // fails to connect), while example.com is still denied.
     let dir = temp_dir("egress-allow");
-    let cfg = broker_config("H", &fixture("hostile"), &format!("{LIMITS}\npara.brokers.H.allowed_hosts = [\"http://127.0.0.1:9\"]"));
+    let cfg = broker_config(
+        "H",
+        &fixture("hostile"),
+        &format!("{LIMITS}\npara.brokers.H.allowed_hosts = [\"http://127.0.0.1:9\"]"),
+    );
     let host = Host::start(&dir, &cfg);
-    let msg = post(&host, "egress", "H").json()["message"].as_str().unwrap().to_string();
+    let msg = post(&host, "egress", "H").json()["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert_eq!(msg.matches("HttpRequestDenied").count(), 1, "{msg}");
-    assert!(msg.contains("127.0.0.1:9: refused: ErrorCode::ConnectionRefused"), "{msg}");
+    assert!(
+        msg.contains("127.0.0.1:9: refused: ErrorCode::ConnectionRefused"),
+        "{msg}"
+    );
     // Plain http to a non-loopback host is refused at start.
     let dir = temp_dir("egress-bad");
-    let cfg = broker_config("H", &fixture("hostile"), "para.brokers.H.allowed_hosts = [\"http://example.com\"]");
+    let cfg = broker_config(
+        "H",
+        &fixture("hostile"),
+        "para.brokers.H.allowed_hosts = [\"http://example.com\"]",
+    );
     let err = Host::try_start(&dir, &cfg).err().expect("must not start");
     assert!(err.contains("exited"), "{err}");
     let _unused: Option<Process> = None;

@@ -72,11 +72,17 @@ impl ApiError {
                         None,
                     ),
                 };
-                (status, format!("Broker {broker} could not {action}: {detail}"), retry)
+                (
+                    status,
+                    format!("Broker {broker} could not {action}: {detail}"),
+                    retry,
+                )
             }
             CallError::Trap { .. } | CallError::Memory { .. } => (
                 StatusCode::BAD_GATEWAY,
-                format!("Could not {action}: {err}. The host discarded that instance and keeps serving."),
+                format!(
+                    "Could not {action}: {err}. The host discarded that instance and keeps serving."
+                ),
                 None,
             ),
             CallError::Cpu { .. } | CallError::Timeout { .. } => (

@@ -4,9 +4,12 @@
 //! `/v1/thing`), as Para's clients use both. Every error is JSON
 //! `{"code","message"}` ([`error::ApiError`]).
 
+pub mod auth;
+pub mod batch;
 pub mod error;
 pub mod things;
 
+use crate::apps::AppKeys;
 use crate::config::Config;
 use crate::model::IdGenerator;
 use crate::runtime::registry::BrokerRegistry;
@@ -30,6 +33,8 @@ pub struct ApiState {
     pub registry: Arc<BrokerRegistry>,
     /// Para id generator.
     pub ids: IdGenerator,
+    /// Derives app secrets for authentication.
+    pub keys: AppKeys,
 }
 
 /// Who is calling: every storage access is scoped by this app.
@@ -41,13 +46,14 @@ pub struct Caller {
 
 /// Builds the router.
 pub fn router(state: Arc<ApiState>) -> Router {
-    let root_app = Caller {
-        appid: state.config.app_name.clone(),
-    };
     // Bodies are checked against para.max_entity_size_bytes by the handlers,
     // so that the answer is Para's 400 with a clear message; this outer cap
     // only stops a client from streaming unbounded data.
-    let hard_cap = state.config.max_entity_size.saturating_mul(2).max(64 * 1024);
+    let hard_cap = state
+        .config
+        .max_entity_size
+        .saturating_mul(2)
+        .max(64 * 1024);
     Router::new()
         .route("/v1/{type}", get(things::list).post(things::create))
         .route(
@@ -57,13 +63,18 @@ pub fn router(state: Arc<ApiState>) -> Router {
                 .patch(things::patch)
                 .delete(things::delete),
         )
-        .layer(middleware::from_fn(move |mut req: Request, next: Next| {
-            let caller = root_app.clone();
-            async move {
-                req.extensions_mut().insert(caller);
-                next.run(req).await
-            }
-        }))
+        .route(
+            "/v1/_batch",
+            get(batch::read)
+                .post(batch::create)
+                .put(batch::put)
+                .patch(batch::patch)
+                .delete(batch::delete),
+        )
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::authenticate,
+        ))
         .route("/healthz", get(|| async { "ok" }))
         .fallback(|| async {
             ApiError::new(

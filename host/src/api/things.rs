@@ -38,7 +38,8 @@ fn check_type(ty: &str) -> Result<(), ApiError> {
     }
 }
 
-fn parse_body(state: &ApiState, body: &Bytes) -> Result<ThingInput, ApiError> {
+/// Parses and type-checks a request body as a thing.
+pub fn parse_body(state: &ApiState, body: &Bytes) -> Result<ThingInput, ApiError> {
     if body.len() > state.config.max_entity_size {
         return Err(ApiError::bad_request(format!(
             "Request is too large: the body has {} bytes and the limit is {} (para.max_entity_size_bytes).",
@@ -94,15 +95,38 @@ pub async fn create(
 ) -> ApiResult {
     check_type(&ty)?;
     let input = parse_body(&state, &body)?;
+    let out = create_one(&state, &caller, input).await?;
+    let location = format!("/v1/things/{}", out["id"].as_str().unwrap_or_default());
+    Ok((
+        StatusCode::CREATED,
+        [("location", location)],
+        axum::Json(out),
+    )
+        .into_response())
+}
+
+/// Creates one thing and its device; returns the thing JSON with
+/// `deviceDetails`. Shared by POST and the batch endpoint.
+pub async fn create_one(
+    state: &ApiState,
+    caller: &Caller,
+    input: ThingInput,
+) -> Result<Value, ApiError> {
     let name = input
         .name
         .clone()
         .filter(|n| !n.trim().is_empty())
         .ok_or_else(|| ApiError::bad_request("'name' must not be blank. Give the thing a name."))?;
-    let broker_name = input.service_broker.clone().filter(|b| !b.trim().is_empty()).ok_or_else(
-        || ApiError::bad_request("'serviceBroker' must not be blank. Name the broker, e.g. \"Azure\"."),
-    )?;
-    let broker = broker_for(&state, &broker_name)?;
+    let broker_name = input
+        .service_broker
+        .clone()
+        .filter(|b| !b.trim().is_empty())
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "'serviceBroker' must not be blank. Name the broker, e.g. \"Azure\".",
+            )
+        })?;
+    let broker = broker_for(state, &broker_name)?;
     let now = now_ms();
     let mut thing = Thing {
         id: state.ids.next(),
@@ -115,14 +139,22 @@ pub async fn create(
         updated: None,
         version: 0,
         state_updated: now,
-        extra: input.extra.iter().filter(|(_, v)| !v.is_null()).map(|(k, v)| (k.clone(), v.clone())).collect(),
+        extra: input
+            .extra
+            .iter()
+            .filter(|(_, v)| !v.is_null())
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
     };
     state.store.insert(&thing, Lifecycle::Creating)?;
     let created = match broker.create(&thing).await {
         Ok(c) => c,
         Err(err) => {
-            undo_create(&broker, &state, &thing).await;
-            return Err(ApiError::from_call(err, &format!("create the device for thing {}", thing.id)));
+            undo_create(&broker, state, &thing).await;
+            return Err(ApiError::from_call(
+                err,
+                &format!("create the device for thing {}", thing.id),
+            ));
         }
     };
     let details = json_object(&created.device_details, "deviceDetails");
@@ -130,13 +162,13 @@ pub async fn create(
     let (details, metadata) = match (details, metadata) {
         (Ok(d), Ok(m)) => (d, m),
         (Err(e), _) | (_, Err(e)) => {
-            undo_create(&broker, &state, &thing).await;
+            undo_create(&broker, state, &thing).await;
             return Err(e);
         }
     };
     thing.metadata = metadata;
     if let Err(e) = state.store.insert(&thing, Lifecycle::Active) {
-        undo_create(&broker, &state, &thing).await;
+        undo_create(&broker, state, &thing).await;
         return Err(e.into());
     }
     tracing::info!(thing = %thing.id, broker = %thing.service_broker, "thing created");
@@ -144,8 +176,7 @@ pub async fn create(
     if let Value::Object(obj) = &mut out {
         obj.insert("deviceDetails".into(), Value::Object(details));
     }
-    let location = format!("/v1/things/{}", thing.id);
-    Ok((StatusCode::CREATED, [("location", location)], axum::Json(out)).into_response())
+    Ok(out)
 }
 
 /// Undoes a failed create: delete whatever device exists, then the row.
@@ -170,20 +201,26 @@ pub async fn read(
     Path((ty, id)): Path<(String, String)>,
 ) -> ApiResult {
     check_type(&ty)?;
-    let thing = state
-        .store
-        .get(&caller.appid, &id)?
-        .ok_or_else(|| ApiError::thing_not_found(&id))?;
-    Ok(axum::Json(thing.to_json()).into_response())
+    Ok(axum::Json(read_one(&state, &caller, &id)?).into_response())
 }
 
-async fn write_through(
+/// Reads one thing of the caller's app as JSON.
+pub fn read_one(state: &ApiState, caller: &Caller, id: &str) -> Result<Value, ApiError> {
+    let thing = state
+        .store
+        .get(&caller.appid, id)?
+        .ok_or_else(|| ApiError::thing_not_found(id))?;
+    Ok(thing.to_json())
+}
+
+/// PATCH (merge) or PUT (overwrite) one thing through its broker.
+pub async fn write_through(
     state: &ApiState,
     caller: &Caller,
     id: &str,
     input: ThingInput,
     overwrite: bool,
-) -> ApiResult {
+) -> Result<Value, ApiError> {
     let current = state
         .store
         .get(&caller.appid, id)?
@@ -208,7 +245,7 @@ async fn write_through(
         apply(t);
         t.metadata = metadata.clone();
     })?;
-    Ok(axum::Json(saved.to_json()).into_response())
+    Ok(saved.to_json())
 }
 
 /// `PATCH /v1/things/{id}`: shallow merge; `deviceState` replaced whole and
@@ -221,7 +258,7 @@ pub async fn patch(
 ) -> ApiResult {
     check_type(&ty)?;
     let input = parse_body(&state, &body)?;
-    write_through(&state, &caller, &id, input, false).await
+    Ok(axum::Json(write_through(&state, &caller, &id, input, false).await?).into_response())
 }
 
 /// `PUT /v1/things/{id}`: overwrite; unlike Para, it goes through the broker.
@@ -234,7 +271,7 @@ pub async fn put(
 ) -> ApiResult {
     check_type(&ty)?;
     let input = parse_body(&state, &body)?;
-    write_through(&state, &caller, &id, input, true).await
+    Ok(axum::Json(write_through(&state, &caller, &id, input, true).await?).into_response())
 }
 
 /// `DELETE /v1/things/{id}`: delete the device, then the thing.
@@ -244,19 +281,32 @@ pub async fn delete(
     Path((ty, id)): Path<(String, String)>,
 ) -> ApiResult {
     check_type(&ty)?;
+    delete_one(&state, &caller, &id).await?;
+    Ok(StatusCode::OK.into_response())
+}
+
+/// Deletes one thing's device, then the thing.
+pub async fn delete_one(state: &ApiState, caller: &Caller, id: &str) -> Result<(), ApiError> {
     let thing = state
         .store
-        .get(&caller.appid, &id)?
-        .ok_or_else(|| ApiError::thing_not_found(&id))?;
-    let broker = broker_for(&state, &thing.service_broker)?;
-    state.store.set_lifecycle(&caller.appid, &id, Lifecycle::Deleting)?;
+        .get(&caller.appid, id)?
+        .ok_or_else(|| ApiError::thing_not_found(id))?;
+    let broker = broker_for(state, &thing.service_broker)?;
+    state
+        .store
+        .set_lifecycle(&caller.appid, id, Lifecycle::Deleting)?;
     if let Err(err) = broker.delete(&thing).await {
-        state.store.set_lifecycle(&caller.appid, &id, Lifecycle::Active)?;
-        return Err(ApiError::from_call(err, &format!("delete the device of thing {id}")));
+        state
+            .store
+            .set_lifecycle(&caller.appid, id, Lifecycle::Active)?;
+        return Err(ApiError::from_call(
+            err,
+            &format!("delete the device of thing {id}"),
+        ));
     }
-    state.store.remove(&caller.appid, &id)?;
+    state.store.remove(&caller.appid, id)?;
     tracing::info!(thing = %id, "thing deleted");
-    Ok(StatusCode::OK.into_response())
+    Ok(())
 }
 
 /// `GET /v1/things`: Para's `{items, page, totalHits, lastKey}`.
@@ -275,7 +325,8 @@ pub async fn list(
             }),
         }
     };
-    let limit = number("limit", state.config.default_page_size)?.clamp(1, state.config.max_page_limit);
+    let limit =
+        number("limit", state.config.default_page_size)?.clamp(1, state.config.max_page_limit);
     let page = number("page", 1)?.min(1000);
     let sort = match params.get("sort").map(String::as_str) {
         None | Some("timestamp") => SortField::Timestamp,
@@ -292,11 +343,19 @@ pub async fn list(
         None | Some("true") => true,
         Some("false") => false,
         Some(other) => {
-            return Err(ApiError::bad_request(format!("'desc' must be true or false, got '{other}'.")));
+            return Err(ApiError::bad_request(format!(
+                "'desc' must be true or false, got '{other}'."
+            )));
         }
     };
     let last_key = params.get("lastKey").filter(|k| !k.is_empty()).cloned();
-    let query = ListQuery { limit, page, sort, desc, last_key };
+    let query = ListQuery {
+        limit,
+        page,
+        sort,
+        desc,
+        last_key,
+    };
     let result = state.store.list(&caller.appid, &query)?;
     let mut body = json!({
         "items": result.items.iter().map(Thing::to_json).collect::<Vec<_>>(),

@@ -50,7 +50,10 @@ pub struct EgressPolicy {
 
 fn is_loopback(host: &str) -> bool {
     let h = host.trim_start_matches('[').trim_end_matches(']');
-    h.eq_ignore_ascii_case("localhost") || h.parse::<IpAddr>().map(|ip| ip.is_loopback()).unwrap_or(false)
+    h.eq_ignore_ascii_case("localhost")
+        || h.parse::<IpAddr>()
+            .map(|ip| ip.is_loopback())
+            .unwrap_or(false)
 }
 
 fn split_host_port(authority: &str) -> Option<(String, Option<u16>)> {
@@ -98,7 +101,9 @@ impl EgressPolicy {
             } else if let Some(r) = expanded.strip_prefix("http://") {
                 (false, r)
             } else {
-                return Err(err("must start with https:// (or http:// for loopback)".into()));
+                return Err(err(
+                    "must start with https:// (or http:// for loopback)".into()
+                ));
             };
             let authority = rest.trim_end_matches('/');
             let (host, port) = split_host_port(authority)
@@ -132,7 +137,11 @@ impl EgressPolicy {
         let Some(authority) = uri.authority() else {
             return false;
         };
-        let host = authority.host().trim_start_matches('[').trim_end_matches(']').to_lowercase();
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_lowercase();
         let port = authority.port_u16().unwrap_or(if https { 443 } else { 80 });
         self.allowed.iter().any(|a| {
             let host_ok = match a.host.strip_prefix("*.") {
@@ -168,7 +177,10 @@ impl TlsRoots {
                 added += 1;
             }
             if added == 0 {
-                anyhow::bail!("para.host.tls_ca_file {} holds no certificate", path.display());
+                anyhow::bail!(
+                    "para.host.tls_ca_file {} holds no certificate",
+                    path.display()
+                );
             }
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -242,8 +254,14 @@ async fn send(
     let uri = req.uri().clone();
     let authority = uri.authority().ok_or(HttpError::HttpRequestUriInvalid)?;
     let use_tls = uri.scheme_str() == Some("https");
-    let host = authority.host().trim_start_matches('[').trim_end_matches(']').to_string();
-    let port = authority.port_u16().unwrap_or(if use_tls { 443 } else { 80 });
+    let host = authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    let port = authority
+        .port_u16()
+        .unwrap_or(if use_tls { 443 } else { 80 });
     let connect_timeout = options
         .and_then(|o| o.connect_timeout)
         .unwrap_or(Duration::from_secs(30));
@@ -308,15 +326,22 @@ mod tests {
 
     fn policy(entries: &[&str]) -> Result<EgressPolicy, EgressConfigError> {
         let mut cfg = BTreeMap::new();
-        cfg.insert("iot_hostname".to_string(), "hub.azure-devices.net".to_string());
+        cfg.insert(
+            "iot_hostname".to_string(),
+            "hub.azure-devices.net".to_string(),
+        );
         let entries: Vec<String> = entries.iter().map(|s| s.to_string()).collect();
         EgressPolicy::new("Azure", &entries, &cfg)
     }
 
     #[test]
     fn allowlist_matches_scheme_host_and_port() {
-        let p = policy(&["https://{iot_hostname}", "http://127.0.0.1:8081", "https://*.example.com"])
-            .unwrap();
+        let p = policy(&[
+            "https://{iot_hostname}",
+            "http://127.0.0.1:8081",
+            "https://*.example.com",
+        ])
+        .unwrap();
         let ok = |u: &str| p.allows(&u.parse().unwrap());
         assert!(ok("https://hub.azure-devices.net/devices/x"));
         assert!(ok("https://HUB.azure-devices.net:443/"));
@@ -337,7 +362,9 @@ mod tests {
 
     #[test]
     fn plain_http_only_for_loopback() {
-        let err = policy(&["http://hub.azure-devices.net"]).unwrap_err().to_string();
+        let err = policy(&["http://hub.azure-devices.net"])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("loopback"), "{err}");
         assert!(policy(&["http://localhost:9"]).is_ok());
         assert!(policy(&["http://[::1]:9"]).is_ok());

@@ -61,7 +61,9 @@ pub enum LoadError {
         message: String,
     },
     /// The component does not implement the contract.
-    #[error("broker {broker}: {path} does not implement {CONTRACT_PACKAGE}/thing-broker@{CONTRACT_VERSION}: {message}")]
+    #[error(
+        "broker {broker}: {path} does not implement {CONTRACT_PACKAGE}/thing-broker@{CONTRACT_VERSION}: {message}"
+    )]
     Contract {
         /// Broker name.
         broker: String,
@@ -111,7 +113,9 @@ pub enum CallError {
         source: CpuBudgetExceeded,
     },
     /// The broker tried to use more memory than allowed.
-    #[error("broker {broker} ran out of memory: it asked for more than its limit of {limit_mb} MiB")]
+    #[error(
+        "broker {broker} ran out of memory: it asked for more than its limit of {limit_mb} MiB"
+    )]
     Memory {
         /// Broker name.
         broker: String,
@@ -185,7 +189,10 @@ pub fn check_component(engine: &Engine, component: &Component) -> Result<Contrac
     if !compatible {
         return Err(format!(
             "it was built for contract version {version}; this host serves {}.x",
-            CONTRACT_VERSION.rsplit_once('.').map(|(a, _)| a).unwrap_or(CONTRACT_VERSION)
+            CONTRACT_VERSION
+                .rsplit_once('.')
+                .map(|(a, _)| a)
+                .unwrap_or(CONTRACT_VERSION)
         ));
     }
     let ComponentItem::ComponentInstance(instance) = &item.ty else {
@@ -194,7 +201,12 @@ pub fn check_component(engine: &Engine, component: &Component) -> Result<Contrac
     let missing: Vec<&str> = REQUIRED_FUNCTIONS
         .iter()
         .copied()
-        .filter(|f| !matches!(instance.get_export(engine, f).map(|e| e.ty), Some(ComponentItem::ComponentFunc(_))))
+        .filter(|f| {
+            !matches!(
+                instance.get_export(engine, f).map(|e| e.ty),
+                Some(ComponentItem::ComponentFunc(_))
+            )
+        })
         .collect();
     if !missing.is_empty() {
         return Err(format!(
@@ -241,11 +253,12 @@ pub fn inspect(
         broker: broker.into(),
         message: format!("{e:#}"),
     })?;
-    let instance_pre = linker
-        .instantiate_pre(&component)
-        .map_err(|e| contract(format!("it needs something this host does not provide: {e:#}")))?;
-    let pre = BrokerGuestPre::new(instance_pre)
-        .map_err(|e| contract(format!("{e:#}")))?;
+    let instance_pre = linker.instantiate_pre(&component).map_err(|e| {
+        contract(format!(
+            "it needs something this host does not provide: {e:#}"
+        ))
+    })?;
+    let pre = BrokerGuestPre::new(instance_pre).map_err(|e| contract(format!("{e:#}")))?;
     Ok((component, pre, report))
 }
 
@@ -397,7 +410,10 @@ impl LoadedBroker {
             let answer = match op {
                 Op::Create(t) => api.call_create(&mut store, &t).await?.map(Answer::Created),
                 Op::Update(t) => api.call_update(&mut store, &t).await?.map(Answer::Updated),
-                Op::Delete(t) => api.call_delete(&mut store, &t).await?.map(|()| Answer::Deleted),
+                Op::Delete(t) => api
+                    .call_delete(&mut store, &t)
+                    .await?
+                    .map(|()| Answer::Deleted),
             };
             wasmtime::Result::Ok(answer)
         };
@@ -491,7 +507,10 @@ impl PollInstance {
         };
         if matches!(
             outcome,
-            Err(CallError::Trap { .. } | CallError::Cpu { .. } | CallError::Memory { .. } | CallError::Timeout { .. })
+            Err(CallError::Trap { .. }
+                | CallError::Cpu { .. }
+                | CallError::Memory { .. }
+                | CallError::Timeout { .. })
         ) {
             // A trapped or interrupted store must never be entered again.
             self.live = None;

@@ -25,7 +25,10 @@ impl storage::Host for BrokerState {
 
     fn set(&mut self, key: String, value: Vec<u8>) -> Result<(), String> {
         if key.len() > MAX_KEY_BYTES {
-            return Err(format!("key is {} bytes; the limit is {MAX_KEY_BYTES}", key.len()));
+            return Err(format!(
+                "key is {} bytes; the limit is {MAX_KEY_BYTES}",
+                key.len()
+            ));
         }
         if value.len() > MAX_VALUE_BYTES {
             return Err(format!(

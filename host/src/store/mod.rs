@@ -106,8 +106,32 @@ pub struct CommitOutcome {
     pub skipped: usize,
 }
 
+/// An app: the owner of things and the holder of API credentials.
+///
+/// The secret itself is never stored: it is derived from the host's master
+/// key and `salt` (see [`crate::apps`]), so a copy of the database alone
+/// does not hand out credentials.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppRecord {
+    /// `app:<name>`.
+    pub id: String,
+    /// Random salt the secret is derived from.
+    pub salt: String,
+    /// Inactive apps are refused (403).
+    pub active: bool,
+    /// Creation time, ms.
+    pub created: u64,
+}
+
 /// Everything the host persists.
 pub trait Store: Send + Sync {
+    /// Reads an app by id (`app:<name>`).
+    fn app_get(&self, id: &str) -> Result<Option<AppRecord>, StoreError>;
+    /// Creates or replaces an app.
+    fn app_put(&self, app: &AppRecord) -> Result<(), StoreError>;
+    /// Every app, by id.
+    fn app_list(&self) -> Result<Vec<AppRecord>, StoreError>;
+
     /// Writes a new thing in the given lifecycle state.
     fn insert(&self, thing: &Thing, state: Lifecycle) -> Result<(), StoreError>;
     /// Reads an active thing of this app.

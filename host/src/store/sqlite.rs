@@ -7,7 +7,7 @@
 //! load; every statement is short.
 
 use super::{
-    CommitOutcome, Lifecycle, ListQuery, Page, SortField, StateUpdate, Store, StoreError,
+    AppRecord, CommitOutcome, Lifecycle, ListQuery, Page, SortField, StateUpdate, Store, StoreError,
 };
 use crate::model::{Thing, now_ms};
 use rusqlite::{Connection, OptionalExtension, Row, params};
@@ -46,6 +46,12 @@ CREATE INDEX IF NOT EXISTS things_by_time ON things (appid, lifecycle, timestamp
 CREATE TABLE IF NOT EXISTS poll_cursors (
     broker TEXT PRIMARY KEY,
     cursor TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS apps (
+    id TEXT PRIMARY KEY,
+    salt TEXT NOT NULL,
+    active INTEGER NOT NULL,
+    created INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS broker_kv (
     broker TEXT NOT NULL,
@@ -147,7 +153,11 @@ fn write_thing(conn: &Connection, t: &Thing, state: Lifecycle) -> rusqlite::Resu
     )
 }
 
-fn read_any(conn: &Connection, appid: &str, id: &str) -> rusqlite::Result<Option<(Thing, Lifecycle)>> {
+fn read_any(
+    conn: &Connection,
+    appid: &str,
+    id: &str,
+) -> rusqlite::Result<Option<(Thing, Lifecycle)>> {
     conn.query_row(
         &format!("SELECT {COLUMNS} FROM things WHERE appid = ?1 AND id = ?2"),
         params![appid, id],
@@ -165,7 +175,46 @@ fn sort_column(f: SortField) -> &'static str {
     }
 }
 
+fn row_to_app(row: &Row<'_>) -> rusqlite::Result<AppRecord> {
+    Ok(AppRecord {
+        id: row.get(0)?,
+        salt: row.get(1)?,
+        active: row.get::<_, i64>(2)? != 0,
+        created: row.get::<_, i64>(3)? as u64,
+    })
+}
+
 impl Store for SqliteStore {
+    fn app_get(&self, id: &str) -> Result<Option<AppRecord>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT id, salt, active, created FROM apps WHERE id = ?1",
+                params![id],
+                row_to_app,
+            )
+            .optional()?)
+    }
+
+    fn app_put(&self, app: &AppRecord) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT OR REPLACE INTO apps (id, salt, active, created) VALUES (?1, ?2, ?3, ?4)",
+            params![app.id, app.salt, app.active as i64, app.created as i64],
+        )?;
+        Ok(())
+    }
+
+    fn app_list(&self) -> Result<Vec<AppRecord>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT id, salt, active, created FROM apps ORDER BY id")?;
+        let rows = stmt.query_map([], row_to_app)?;
+        let mut out = Vec::new();
+        for r in rows {
+            out.push(r?);
+        }
+        Ok(out)
+    }
+
     fn insert(&self, thing: &Thing, state: Lifecycle) -> Result<(), StoreError> {
         write_thing(&self.conn(), thing, state)?;
         Ok(())
@@ -397,13 +446,37 @@ mod tests {
         let s = SqliteStore::in_memory().unwrap();
         s.insert(&thing("1", 1), Lifecycle::Active).unwrap();
         let changes = vec![
-            StateUpdate { thing_id: "1".into(), appid: "app1".into(), state: state(json!({"a":1})), written_at: 50 },
-            StateUpdate { thing_id: "1".into(), appid: "app1".into(), state: state(json!({"a":2})), written_at: 200 },
-            StateUpdate { thing_id: "1".into(), appid: "other".into(), state: state(json!({"a":3})), written_at: 300 },
+            StateUpdate {
+                thing_id: "1".into(),
+                appid: "app1".into(),
+                state: state(json!({"a":1})),
+                written_at: 50,
+            },
+            StateUpdate {
+                thing_id: "1".into(),
+                appid: "app1".into(),
+                state: state(json!({"a":2})),
+                written_at: 200,
+            },
+            StateUpdate {
+                thing_id: "1".into(),
+                appid: "other".into(),
+                state: state(json!({"a":3})),
+                written_at: 300,
+            },
         ];
         let out = s.commit_poll("Loop", &changes, "c1").unwrap();
-        assert_eq!(out, CommitOutcome { applied: 1, skipped: 2 });
-        assert_eq!(s.get("app1", "1").unwrap().unwrap().device_state, state(json!({"a":2})));
+        assert_eq!(
+            out,
+            CommitOutcome {
+                applied: 1,
+                skipped: 2
+            }
+        );
+        assert_eq!(
+            s.get("app1", "1").unwrap().unwrap().device_state,
+            state(json!({"a":2}))
+        );
         assert_eq!(s.cursor("Loop").unwrap(), "c1");
         // Another broker cannot touch this thing.
         let out = s.commit_poll("Other", &changes[1..2], "x").unwrap();
@@ -414,16 +487,32 @@ mod tests {
     fn list_pages_and_search_after() {
         let s = SqliteStore::in_memory().unwrap();
         for i in 1..=5u64 {
-            s.insert(&thing(&i.to_string(), i * 10), Lifecycle::Active).unwrap();
+            s.insert(&thing(&i.to_string(), i * 10), Lifecycle::Active)
+                .unwrap();
         }
         s.insert(&thing("9", 90), Lifecycle::Creating).unwrap();
-        let q = ListQuery { limit: 2, page: 1, sort: SortField::Timestamp, desc: true, last_key: None };
+        let q = ListQuery {
+            limit: 2,
+            page: 1,
+            sort: SortField::Timestamp,
+            desc: true,
+            last_key: None,
+        };
         let p = s.list("app1", &q).unwrap();
         assert_eq!(p.total, 5);
-        assert_eq!(p.items.iter().map(|t| t.id.as_str()).collect::<Vec<_>>(), ["5", "4"]);
-        let q2 = ListQuery { last_key: Some("4".into()), ..q.clone() };
+        assert_eq!(
+            p.items.iter().map(|t| t.id.as_str()).collect::<Vec<_>>(),
+            ["5", "4"]
+        );
+        let q2 = ListQuery {
+            last_key: Some("4".into()),
+            ..q.clone()
+        };
         let p2 = s.list("app1", &q2).unwrap();
-        assert_eq!(p2.items.iter().map(|t| t.id.as_str()).collect::<Vec<_>>(), ["3", "2"]);
+        assert_eq!(
+            p2.items.iter().map(|t| t.id.as_str()).collect::<Vec<_>>(),
+            ["3", "2"]
+        );
         let q3 = ListQuery { page: 3, ..q };
         assert_eq!(s.list("app1", &q3).unwrap().items.len(), 1);
         assert!(s.list("other", &q2).unwrap().items.is_empty());

@@ -1,0 +1,680 @@
+//! The bundled Azure broker against the strict IoT Hub emulator, over real
+//! HTTP(S): the host and the emulator run as separate processes on
+//! 127.0.0.1 with OS-assigned ports, and the device side is played by the
+//! emulator's `device` simulator with the connection string the API handed
+//! out.
+
+use para_tests::{Emulator, Host, Response, temp_dir};
+use serde_json::{Value, json};
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+/// A generous bound for anything the poll loop (200 ms) must bring in.
+const SYNC: Duration = Duration::from_secs(10);
+
+/// The stats route the device simulator's reports are counted under.
+const REPORTED_ROUTE: &str = "PATCH /twins/{id}/properties/reported";
+
+fn start_host(emu: &Emulator, tag: &str, extra: &str) -> Host {
+    Host::start(&temp_dir(tag), &emu.host_config(extra))
+}
+
+fn text(res: &Response) -> String {
+    String::from_utf8_lossy(&res.body).into_owned()
+}
+
+fn post(host: &Host, name: &str) -> Response {
+    host.call(
+        "POST",
+        "/v1/things",
+        Some(&json!({"name": name, "serviceBroker": "Azure"})),
+    )
+}
+
+fn create(host: &Host, name: &str) -> Value {
+    let res = post(host, name);
+    assert_eq!(res.status, 201, "create {name}: {}", text(&res));
+    res.json()
+}
+
+fn id_of(thing: &Value) -> String {
+    thing["id"].as_str().expect("thing id").to_string()
+}
+
+/// The device a thing owns: `{appid}:{id}`.
+fn device_of(thing: &Value) -> String {
+    format!(
+        "{}:{}",
+        thing["appid"].as_str().expect("appid"),
+        id_of(thing)
+    )
+}
+
+fn connection_string(created: &Value) -> String {
+    created["deviceDetails"]["connectionString"]
+        .as_str()
+        .expect("deviceDetails.connectionString")
+        .to_string()
+}
+
+fn patch_state(host: &Host, id: &str, state: Value) -> Response {
+    host.call(
+        "PATCH",
+        &format!("/v1/things/{id}"),
+        Some(&json!({ "deviceState": state })),
+    )
+}
+
+fn state_of(host: &Host, id: &str) -> Value {
+    let res = host.call("GET", &format!("/v1/things/{id}"), None);
+    assert_eq!(res.status, 200, "GET thing {id}: {}", text(&res));
+    res.json()["deviceState"].clone()
+}
+
+/// Strips the hub's `$metadata` and `$version` from twin properties.
+fn plain(props: &Value) -> Value {
+    let mut p = props.as_object().cloned().unwrap_or_default();
+    p.remove("$metadata");
+    p.remove("$version");
+    Value::Object(p)
+}
+
+/// The twin's desired properties, as the hub stores them.
+fn desired(emu: &Emulator, device: &str) -> Value {
+    let d = emu
+        .device(device)
+        .unwrap_or_else(|| panic!("device {device} is not in the hub"));
+    plain(&d["twin"]["properties"]["desired"])
+}
+
+fn reported(emu: &Emulator, device: &str) -> Value {
+    let d = emu
+        .device(device)
+        .unwrap_or_else(|| panic!("device {device} is not in the hub"));
+    plain(&d["twin"]["properties"]["reported"])
+}
+
+/// The ids of every visible thing.
+fn thing_ids(host: &Host) -> BTreeSet<String> {
+    let res = host.call("GET", "/v1/things?limit=256", None);
+    assert_eq!(res.status, 200, "{}", text(&res));
+    let page = res.json();
+    let items = page["items"].as_array().cloned().unwrap_or_default();
+    assert_eq!(
+        page["totalHits"].as_u64(),
+        Some(items.len() as u64),
+        "{page}"
+    );
+    items.iter().map(id_of).collect()
+}
+
+/// The invariant: things and devices correspond one to one.
+fn assert_one_to_one(host: &Host, emu: &Emulator) -> BTreeSet<String> {
+    let things: BTreeSet<String> = thing_ids(host)
+        .into_iter()
+        .map(|id| format!("para:{id}"))
+        .collect();
+    let devices = emu.device_ids();
+    assert_eq!(
+        things,
+        devices,
+        "things (left) and hub devices (right) differ: things without devices {:?}, devices without things {:?}",
+        things.difference(&devices).collect::<Vec<_>>(),
+        devices.difference(&things).collect::<Vec<_>>()
+    );
+    things
+}
+
+/// A failed call must be Para's JSON error with a message that names the
+/// broker; returns the message.
+fn assert_clear_error(res: &Response, what: &str) -> String {
+    assert!(
+        (400..600).contains(&res.status),
+        "{what}: {} {}",
+        res.status,
+        text(res)
+    );
+    let body = res.json();
+    assert_eq!(body["code"], res.status, "{what}: {body}");
+    let msg = body["message"].as_str().unwrap_or_default().to_string();
+    assert!(
+        msg.contains("Azure"),
+        "{what}: the message names the broker: {msg}"
+    );
+    msg
+}
+
+/// A base64 key that decodes fine but is not the right one.
+fn tamper(key: &str) -> String {
+    let first = if key.starts_with('A') { "B" } else { "A" };
+    format!("{first}{}", &key[1..])
+}
+
+fn device_out(out: &std::process::Output) -> String {
+    format!(
+        "exit {:?}; stderr: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// No request of the broker (every route but the device's own reports) was
+/// refused with 401; returns the number of refused device reports.
+fn broker_401s_are_zero(emu: &Emulator) -> u64 {
+    let stats = emu.stats();
+    let mut device_401 = 0;
+    for (route, outcomes) in stats["byRoute"].as_object().cloned().unwrap_or_default() {
+        let n = outcomes["401"].as_u64().unwrap_or(0);
+        if route == REPORTED_ROUTE {
+            device_401 = n;
+        } else {
+            assert_eq!(
+                n, 0,
+                "the hub refused the broker's SAS token on {route}: {stats}"
+            );
+        }
+    }
+    device_401
+}
+
+#[test]
+fn lifecycle_create_sync_and_delete_against_the_hub() {
+    let emu = Emulator::start(&[]);
+    let host = start_host(&emu, "az-life", "");
+
+    // Create: the thing, and its device with hub-generated keys.
+    let res = post(&host, "MyThing");
+    assert_eq!(res.status, 201, "{}", text(&res));
+    let created = res.json();
+    let id = id_of(&created);
+    assert_eq!(
+        created["appid"], "para",
+        "auth is off: things belong to the root app"
+    );
+    assert_eq!(created["name"], "MyThing");
+    assert_eq!(created["serviceBroker"], "Azure");
+    assert_eq!(created["deviceState"], json!({}));
+    let device = format!("para:{id}");
+    let record = emu.device(&device).unwrap_or_else(|| {
+        panic!(
+            "the hub has no device {device}; it has {:?}",
+            emu.device_ids()
+        )
+    });
+    assert_eq!(record["device"]["status"], "enabled");
+    assert_eq!(record["device"]["authentication"]["type"], "sas");
+
+    let details = &created["deviceDetails"];
+    assert_eq!(details["thingId"], id.as_str());
+    assert_eq!(details["thingName"], "MyThing");
+    let primary = details["primaryKey"]
+        .as_str()
+        .expect("primaryKey")
+        .to_string();
+    let secondary = details["secondaryKey"]
+        .as_str()
+        .expect("secondaryKey")
+        .to_string();
+    assert!(primary.len() >= 16 && secondary.len() >= 16, "{details}");
+    assert_ne!(primary, secondary);
+    let keys = &record["device"]["authentication"]["symmetricKey"];
+    assert_eq!(
+        keys["primaryKey"],
+        primary.as_str(),
+        "the hub generated the keys"
+    );
+    assert_eq!(keys["secondaryKey"], secondary.as_str());
+    assert_eq!(details["status"], "enabled");
+    assert!(
+        details["lastActivity"].is_string() || details["lastActivity"].is_null(),
+        "{details}"
+    );
+    assert!(details.get("lastActivity").is_some(), "{details}");
+    assert_eq!(details["connectionState"], "disconnected");
+    let cs = connection_string(&created);
+    assert_eq!(
+        cs,
+        format!(
+            "HostName={};DeviceId={device};SharedAccessKey={primary}",
+            emu.hostname
+        )
+    );
+
+    // Reads never show deviceDetails or any key material again.
+    for path in [format!("/v1/things/{id}"), "/v1/things".to_string()] {
+        let res = host.call("GET", &path, None);
+        assert_eq!(res.status, 200, "{path}: {}", text(&res));
+        let body = text(&res);
+        for secret in [
+            primary.as_str(),
+            secondary.as_str(),
+            "SharedAccessKey",
+            "deviceDetails",
+        ] {
+            assert!(!body.contains(secret), "GET {path} shows {secret}: {body}");
+        }
+    }
+    assert_eq!(
+        host.call("GET", &format!("/v1/things/{id}"), None).json()["name"],
+        "MyThing"
+    );
+
+    // PATCH deviceState goes to the twin's desired properties, whole.
+    let res = patch_state(&host, &id, json!({"temp": 20, "mode": "eco"}));
+    assert_eq!(res.status, 200, "{}", text(&res));
+    assert_eq!(
+        res.json()["deviceState"],
+        json!({"temp": 20, "mode": "eco"})
+    );
+    assert!(!text(&res).contains(&primary), "PATCH answer shows the key");
+    assert_eq!(desired(&emu, &device), json!({"temp": 20, "mode": "eco"}));
+    let res = patch_state(&host, &id, json!({"temp": 21}));
+    assert_eq!(res.status, 200, "{}", text(&res));
+    assert_eq!(
+        desired(&emu, &device),
+        json!({"temp": 21}),
+        "a key left out of deviceState is removed from desired"
+    );
+
+    // A tampered key does not authenticate the device.
+    let out = emu.device_cmd(
+        &cs.replace(&primary, &tamper(&primary)),
+        &["report", r#"{"temp":99}"#],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "tampered key: {}",
+        device_out(&out)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("401"),
+        "{}",
+        device_out(&out)
+    );
+    assert_eq!(
+        reported(&emu, &device),
+        json!({}),
+        "the refused report changed nothing"
+    );
+
+    // The connection string the API handed out does; the report comes back
+    // as the thing's deviceState through the poll loop.
+    let out = emu.device_cmd(&cs, &["report", r#"{"temp":22}"#]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "genuine key: {}",
+        device_out(&out)
+    );
+    assert_eq!(reported(&emu, &device), json!({"temp": 22}));
+    host.eventually(SYNC, || {
+        (state_of(&host, &id) == json!({"temp": 22})).then_some(())
+    });
+    assert_eq!(
+        desired(&emu, &device),
+        json!({"temp": 21}),
+        "a report does not touch desired"
+    );
+
+    // Every broker request carried a SAS token the hub accepted; the only
+    // 401 is the tampered device report.
+    assert_eq!(broker_401s_are_zero(&emu), 1);
+    assert!(emu.count("PUT /devices/{id}", "200") >= 1);
+    assert!(emu.count("PATCH /twins/{id}", "200") >= 2);
+    assert!(emu.count("POST /devices/query", "200") >= 1);
+
+    // DELETE removes the device; the device can no longer connect.
+    let res = host.call("DELETE", &format!("/v1/things/{id}"), None);
+    assert_eq!(res.status, 200, "{}", text(&res));
+    assert!(
+        emu.device(&device).is_none(),
+        "device {device} outlived its thing"
+    );
+    assert_eq!(
+        host.call("GET", &format!("/v1/things/{id}"), None).status,
+        404
+    );
+    let out = emu.device_cmd(&cs, &["report", r#"{"temp":23}"#]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "deleted device: {}",
+        device_out(&out)
+    );
+    assert!(emu.count("DELETE /devices/{id}", "204") >= 1);
+    assert_eq!(broker_401s_are_zero(&emu), 2);
+}
+
+#[test]
+fn https_works_with_the_configured_ca_and_fails_cleanly_without_it() {
+    let emu = Emulator::start(&["--tls"]);
+    assert!(
+        emu.endpoint.starts_with("https://127.0.0.1:"),
+        "{}",
+        emu.endpoint
+    );
+    assert!(emu.ca_file.is_some(), "--tls reports caFile");
+
+    // Without the emulator's CA the broker cannot trust the hub: a clear
+    // 5xx naming TLS, and nothing is left behind.
+    let no_ca: String = emu
+        .host_config("")
+        .lines()
+        .filter(|l| !l.starts_with("para.host.tls_ca_file"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    {
+        let host = Host::start(&temp_dir("az-tls-noca"), &no_ca);
+        let res = post(&host, "Untrusted");
+        assert!(
+            (500..600).contains(&res.status),
+            "{} {}",
+            res.status,
+            text(&res)
+        );
+        let msg = assert_clear_error(&res, "create without the CA");
+        assert!(msg.contains("TLS"), "the message says TLS failed: {msg}");
+        assert!(thing_ids(&host).is_empty(), "a failed create left a thing");
+    }
+    assert!(emu.device_ids().is_empty(), "a failed create left a device");
+    assert_eq!(
+        emu.stats()["total"],
+        0,
+        "no request got past the TLS handshake without the CA"
+    );
+
+    // With para.host.tls_ca_file the same broker works end to end.
+    let host = start_host(&emu, "az-tls", "");
+    let created = create(&host, "Secure");
+    let id = id_of(&created);
+    let device = device_of(&created);
+    assert!(
+        emu.device(&device).is_some(),
+        "no device {device} over https"
+    );
+    assert_eq!(
+        connection_string(&created),
+        format!(
+            "HostName={};DeviceId={device};SharedAccessKey={}",
+            emu.hostname,
+            created["deviceDetails"]["primaryKey"].as_str().unwrap()
+        )
+    );
+    let res = patch_state(&host, &id, json!({"mode": "secure"}));
+    assert_eq!(res.status, 200, "{}", text(&res));
+    assert_eq!(desired(&emu, &device), json!({"mode": "secure"}));
+    assert!(emu.count("GET /twins/{id}", "200") >= 1, "{}", emu.stats());
+    // The device reports over https too (simulator with --ca-file).
+    emu.report(&connection_string(&created), &json!({"seen": true}));
+    host.eventually(SYNC, || {
+        (state_of(&host, &id) == json!({"seen": true})).then_some(())
+    });
+    assert_eq!(broker_401s_are_zero(&emu), 0);
+    let res = host.call("DELETE", &format!("/v1/things/{id}"), None);
+    assert_eq!(res.status, 200, "{}", text(&res));
+    assert!(emu.device_ids().is_empty());
+}
+
+#[test]
+fn faults_never_leave_a_thing_without_a_device_or_a_device_without_a_thing() {
+    let emu = Emulator::start(&[]);
+    let host = start_host(&emu, "az-faults", "");
+
+    // Phase 1: flaky hub. Every second device PUT fails with 503, every
+    // second twin PATCH is throttled with Retry-After, one DELETE loses its
+    // connection, two twin reads are slow. Operations run concurrently.
+    emu.add_faults(&json!({"rules": [
+        {"method": "PUT", "pathPrefix": "/devices/", "every": 2, "kind": "status", "status": 503},
+        {"method": "PATCH", "pathPrefix": "/twins/", "every": 2, "kind": "status", "status": 429, "retryAfter": 1},
+        {"method": "DELETE", "pathPrefix": "/devices/", "count": 1, "kind": "drop"},
+        {"method": "GET", "pathPrefix": "/twins/", "count": 2, "kind": "delayMs", "delayMs": 700},
+    ]}));
+    let outcomes: Vec<(String, Response)> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..3)
+            .map(|w| {
+                let host = &host;
+                scope.spawn(move || {
+                    let mut outcomes = Vec::new();
+                    for i in 0..2 {
+                        let name = format!("flaky-{w}-{i}");
+                        let res = post(host, &name);
+                        let id = (res.status == 201).then(|| id_of(&res.json()));
+                        outcomes.push((format!("create {name}"), res));
+                        let Some(id) = id else { continue };
+                        let res = patch_state(host, &id, json!({"n": i, "w": w}));
+                        outcomes.push((format!("patch {id}"), res));
+                        if i == 0 {
+                            let res = host.call("DELETE", &format!("/v1/things/{id}"), None);
+                            outcomes.push((format!("delete {id}"), res));
+                        }
+                    }
+                    outcomes
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().expect("worker"))
+            .collect()
+    });
+    let mut ok = 0;
+    for (what, res) in &outcomes {
+        if (200..300).contains(&res.status) {
+            ok += 1;
+        } else {
+            assert_clear_error(res, what);
+        }
+    }
+    assert!(ok > 0, "nothing succeeded against a flaky hub");
+    for rule in emu.faults()["rules"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+    {
+        assert!(
+            rule["applied"].as_u64().unwrap_or(0) >= 1,
+            "fault never fired: {rule}"
+        );
+    }
+    let survivors = assert_one_to_one(&host, &emu);
+    assert!(!survivors.is_empty());
+    emu.clear_faults();
+
+    // Phase 2: failures the broker's in-call retries cannot hide. Each
+    // answers a clear error and leaves the pairing intact.
+    let keep = create(&host, "keep");
+    let keep_id = id_of(&keep);
+    let keep_device = device_of(&keep);
+    let res = patch_state(&host, &keep_id, json!({"v": 1}));
+    assert_eq!(res.status, 200, "{}", text(&res));
+
+    // A create whose device PUT keeps failing with 503.
+    emu.add_faults(&json!({"method": "PUT", "pathPrefix": "/devices/", "count": 3, "kind": "status", "status": 503}));
+    let res = post(&host, "outage");
+    assert_eq!(res.status, 503, "{}", text(&res));
+    let msg = assert_clear_error(&res, "create during an outage");
+    assert!(msg.contains("ServiceUnavailable"), "{msg}");
+    assert_one_to_one(&host, &emu);
+    emu.clear_faults();
+
+    // A create whose connections all drop.
+    emu.add_faults(
+        &json!({"method": "PUT", "pathPrefix": "/devices/", "count": 3, "kind": "drop"}),
+    );
+    let res = post(&host, "dropped");
+    assert_clear_error(&res, "create with dropped connections");
+    assert!((500..600).contains(&res.status), "{}", text(&res));
+    assert_one_to_one(&host, &emu);
+    emu.clear_faults();
+
+    // A PATCH throttled for longer than the broker waits in-call: 503 with
+    // Retry-After, and the stored state does not claim the unsent value.
+    emu.add_faults(&json!({"method": "PATCH", "pathPrefix": "/twins/", "count": 1, "kind": "status", "status": 429, "retryAfter": 5}));
+    let res = patch_state(&host, &keep_id, json!({"v": 2}));
+    assert_eq!(res.status, 503, "{}", text(&res));
+    let msg = assert_clear_error(&res, "throttled patch");
+    assert!(msg.contains("ThrottlingException"), "{msg}");
+    assert_eq!(res.header("retry-after"), Some("5"));
+    assert_eq!(state_of(&host, &keep_id), json!({"v": 1}));
+    assert_eq!(desired(&emu, &keep_device), json!({"v": 1}));
+    emu.clear_faults();
+    let res = patch_state(&host, &keep_id, json!({"v": 2}));
+    assert_eq!(res.status, 200, "the retry succeeds: {}", text(&res));
+    assert_eq!(desired(&emu, &keep_device), json!({"v": 2}));
+
+    // A DELETE that keeps failing leaves both the thing and the device.
+    emu.add_faults(&json!({"method": "DELETE", "pathPrefix": "/devices/", "count": 3, "kind": "status", "status": 503}));
+    let res = host.call("DELETE", &format!("/v1/things/{keep_id}"), None);
+    assert_eq!(res.status, 503, "{}", text(&res));
+    assert_clear_error(&res, "delete during an outage");
+    assert_eq!(
+        host.call("GET", &format!("/v1/things/{keep_id}"), None)
+            .status,
+        200
+    );
+    assert!(emu.device(&keep_device).is_some());
+    assert_one_to_one(&host, &emu);
+    emu.clear_faults();
+    let res = host.call("DELETE", &format!("/v1/things/{keep_id}"), None);
+    assert_eq!(res.status, 200, "{}", text(&res));
+    assert!(emu.device(&keep_device).is_none());
+    assert_one_to_one(&host, &emu);
+    assert_eq!(broker_401s_are_zero(&emu), 0);
+}
+
+#[test]
+fn a_create_that_times_out_leaves_no_thing_and_no_device() {
+    let emu = Emulator::start(&[]);
+    let host = start_host(&emu, "az-timeout", "para.host.call_timeout_ms = 1500");
+    // The hub takes 3 s to answer the first device PUT; the host gives the
+    // broker call 1.5 s.
+    emu.add_faults(&json!({"method": "PUT", "pathPrefix": "/devices/", "count": 1, "kind": "delayMs", "delayMs": 3000}));
+    let started = Instant::now();
+    let res = post(&host, "slow");
+    assert_eq!(res.status, 504, "{}", text(&res));
+    let msg = res.json()["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(msg.contains("create the device for thing"), "{msg}");
+    assert!(thing_ids(&host).is_empty(), "a timed-out create is visible");
+
+    // The delayed PUT reaches the hub's registry at ~3 s. Whatever it did,
+    // within a bound well under the janitor's 30 s there must be no device
+    // without a thing.
+    let settle = Duration::from_millis(3000 + 2000);
+    std::thread::sleep(settle.saturating_sub(started.elapsed()));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let devices = emu.device_ids();
+        if devices.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "orphan device(s) {devices:?} remain {:?} after a create that answered 504; stats {}",
+            started.elapsed(),
+            emu.stats()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(thing_ids(&host).is_empty());
+    // The host is healthy afterwards.
+    let created = create(&host, "after");
+    assert!(emu.device(&device_of(&created)).is_some());
+    assert_one_to_one(&host, &emu);
+}
+
+#[test]
+fn a_wrong_access_key_is_a_clear_502_and_leaves_nothing() {
+    let emu = Emulator::start(&[]);
+    let host = start_host(
+        &emu,
+        "az-badkey",
+        &format!("para.azure.iot_access_key = {:?}", tamper(&emu.owner_key)),
+    );
+    let res = post(&host, "refused");
+    assert_eq!(res.status, 502, "{}", text(&res));
+    let msg = assert_clear_error(&res, "create with a wrong key");
+    assert!(
+        msg.contains("Unauthorized"),
+        "the message says authorization failed: {msg}"
+    );
+    assert!(
+        msg.contains("para.azure.iot_access_key"),
+        "the message names the key to fix: {msg}"
+    );
+    assert!(
+        !msg.contains(&emu.owner_key),
+        "the message leaks the key: {msg}"
+    );
+    assert!(thing_ids(&host).is_empty(), "a refused create left a thing");
+    assert!(
+        emu.device_ids().is_empty(),
+        "a refused create left a device"
+    );
+    assert!(
+        emu.count("PUT /devices/{id}", "401") >= 1,
+        "{}",
+        emu.stats()
+    );
+    assert_eq!(emu.count("PUT /devices/{id}", "200"), 0);
+}
+
+#[test]
+fn a_patch_is_not_overwritten_by_an_older_report() {
+    let emu = Emulator::start(&[]);
+    let host = start_host(&emu, "az-staterule", "");
+    let created = create(&host, "rule");
+    let id = id_of(&created);
+    let cs = connection_string(&created);
+    let steady = |expected: Value, why: &str| {
+        // Several poll rounds (200 ms each) must leave the value alone.
+        let until = Instant::now() + Duration::from_millis(1500);
+        while Instant::now() < until {
+            assert_eq!(state_of(&host, &id), expected, "{why}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+
+    // An applied report, then an API write: re-reading the hub must not
+    // bring the older report back.
+    emu.report(&cs, &json!({"a": 1}));
+    host.eventually(SYNC, || {
+        (state_of(&host, &id) == json!({"a": 1})).then_some(())
+    });
+    let res = patch_state(&host, &id, json!({"a": 2}));
+    assert_eq!(res.status, 200, "{}", text(&res));
+    steady(
+        json!({"a": 2}),
+        "an already-applied report came back over a newer PATCH",
+    );
+
+    // A report that is still pending when the API writes: hold the poll
+    // loop off with a failing query, report, then PATCH, then let polls
+    // through. The older report is delivered and must lose.
+    emu.add_faults(&json!({"method": "POST", "pathPrefix": "/devices/query", "count": 100000, "kind": "status", "status": 503}));
+    host.eventually(SYNC, || {
+        (emu.faults()["rules"][0]["applied"].as_u64().unwrap_or(0) >= 1).then_some(())
+    });
+    emu.report(&cs, &json!({"a": 3}));
+    std::thread::sleep(Duration::from_millis(50));
+    let res = patch_state(&host, &id, json!({"a": 4}));
+    assert_eq!(res.status, 200, "{}", text(&res));
+    emu.clear_faults();
+    emu.reset_stats();
+    host.eventually(SYNC, || {
+        (emu.count("POST /devices/query", "200") >= 2).then_some(())
+    });
+    steady(
+        json!({"a": 4}),
+        "a report older than the PATCH overwrote it",
+    );
+
+    // A newer report wins again.
+    emu.report(&cs, &json!({"a": 5}));
+    host.eventually(SYNC, || {
+        (state_of(&host, &id) == json!({"a": 5})).then_some(())
+    });
+}
