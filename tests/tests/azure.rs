@@ -524,7 +524,10 @@ fn faults_never_leave_a_thing_without_a_device_or_a_device_without_a_thing() {
     assert_eq!(desired(&emu, &keep_device), json!({"v": 2}));
 
     // A DELETE that keeps failing leaves both the thing and the device.
-    emu.add_faults(&json!({"method": "DELETE", "pathPrefix": "/devices/", "count": 3, "kind": "status", "status": 503}));
+    // (Every DELETE fails, so the poll loop's janitor, which also works on
+    // `deleting` rows, cannot finish it either; see
+    // `a_delete_that_answers_503_is_not_finished_behind_the_callers_back`.)
+    emu.add_faults(&json!({"method": "DELETE", "pathPrefix": "/devices/", "count": 1000, "kind": "status", "status": 503}));
     let res = host.call("DELETE", &format!("/v1/things/{keep_id}"), None);
     assert_eq!(res.status, 503, "{}", text(&res));
     assert_clear_error(&res, "delete during an outage");
@@ -677,4 +680,38 @@ fn a_patch_is_not_overwritten_by_an_older_report() {
     host.eventually(SYNC, || {
         (state_of(&host, &id) == json!({"a": 5})).then_some(())
     });
+}
+
+#[test]
+fn a_delete_that_answers_503_is_not_finished_behind_the_callers_back() {
+    let emu = Emulator::start(&[]);
+    let host = start_host(&emu, "az-delrace", "");
+    let created = create(&host, "contested");
+    let id = id_of(&created);
+    let device = device_of(&created);
+    // The first five device DELETEs fail: more than the API's three in-call
+    // attempts.
+    emu.add_faults(&json!({"method": "DELETE", "pathPrefix": "/devices/", "count": 5, "kind": "status", "status": 503}));
+    let res = host.call("DELETE", &format!("/v1/things/{id}"), None);
+    let answered = res.status;
+    // Give the poll loop (and its janitor) a few rounds.
+    std::thread::sleep(Duration::from_millis(2500));
+    let thing_now = host.call("GET", &format!("/v1/things/{id}"), None).status;
+    let device_now = emu.device(&device).is_some();
+    let deletes =
+        emu.count("DELETE /devices/{id}", "503") + emu.count("DELETE /devices/{id}", "204");
+    match answered {
+        200 => assert!(
+            thing_now == 404 && !device_now,
+            "DELETE answered 200 but thing {thing_now} / device present {device_now}"
+        ),
+        _ => {
+            assert_clear_error(&res, "delete");
+            assert!(
+                thing_now == 200 && device_now,
+                "DELETE answered {answered} ({}) yet afterwards the thing answers {thing_now} and the device exists: {device_now}; the hub saw {deletes} device DELETEs (the API makes at most 3)",
+                text(&res)
+            );
+        }
+    }
 }
