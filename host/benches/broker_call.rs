@@ -43,15 +43,28 @@ fn thing() -> Thing {
 }
 
 fn main() -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async {
         let engine = new_engine()?;
         let store: Arc<dyn para_host::store::Store> = Arc::new(SqliteStore::in_memory()?);
         let config = Config::from_raw(BTreeMap::new(), Vec::new())?;
         let registry = BrokerRegistry::load(&engine, &config, store.clone())?;
-        let broker = registry.get("Azure").ok_or_else(|| anyhow::anyhow!("no Azure"))?.clone();
-        let (_, pre, _) = inspect(&engine, "Azure", Path::new(para_host::config::BUILTIN_AZURE))?;
-        let ctx = Arc::new(BrokerContext { name: "Azure".into(), config: BTreeMap::new(), store });
+        let broker = registry
+            .get("Azure")
+            .ok_or_else(|| anyhow::anyhow!("no Azure"))?
+            .clone();
+        let (_, pre, _) = inspect(
+            &engine,
+            "Azure",
+            Path::new(para_host::config::BUILTIN_AZURE),
+        )?;
+        let ctx = Arc::new(BrokerContext {
+            name: "Azure".into(),
+            config: BTreeMap::new(),
+            store,
+        });
         let tls = TlsRoots::new(None)?;
         let wit = WitThing {
             id: "1".into(),
@@ -72,7 +85,10 @@ fn main() -> anyhow::Result<()> {
                     broker: ctx.clone(),
                     wasi: wasmtime_wasi::WasiCtxBuilder::new().build(),
                     http: wasmtime_wasi_http::WasiHttpCtx::new(),
-                    egress: EgressHooks { policy: Arc::new(EgressPolicy::default()), tls: tls.clone() },
+                    egress: EgressHooks {
+                        policy: Arc::new(EgressPolicy::default()),
+                        tls: tls.clone(),
+                    },
                     table: Default::default(),
                     limits: memory_limits(usize::MAX / 2),
                     cpu: CpuMeter::new(Duration::from_secs(3600)),
@@ -80,7 +96,10 @@ fn main() -> anyhow::Result<()> {
                 let mut s = wasmtime::Store::new(&engine, state);
                 s.set_epoch_deadline(u64::MAX / 2);
                 let g = pre.instantiate_async(&mut s).await?;
-                let _ = g.para_broker_thing_broker().call_delete(&mut s, &wit).await?;
+                let _ = g
+                    .para_broker_thing_broker()
+                    .call_delete(&mut s, &wit)
+                    .await?;
             }
             base.push(start.elapsed() / CALLS as u32);
             let start = Instant::now();
@@ -92,9 +111,14 @@ fn main() -> anyhow::Result<()> {
         base.sort();
         host.sort();
         let (b, h) = (base[ROUNDS / 2], host[ROUNDS / 2]);
-        println!("bare wasmtime call (baseline): {b:?} per call (median of {ROUNDS} rounds x {CALLS})");
+        println!(
+            "bare wasmtime call (baseline): {b:?} per call (median of {ROUNDS} rounds x {CALLS})"
+        );
         println!("host call path:                {h:?} per call");
-        println!("ratio host/baseline:           {:.2}", h.as_secs_f64() / b.as_secs_f64());
+        println!(
+            "ratio host/baseline:           {:.2}",
+            h.as_secs_f64() / b.as_secs_f64()
+        );
         anyhow::Ok(())
     })
 }

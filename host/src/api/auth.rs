@@ -17,18 +17,22 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use std::sync::Arc;
 
-fn deny(e: AuthError) -> Response {
+fn refuse(e: AuthError) -> ApiError {
     let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::UNAUTHORIZED);
-    ApiError::new(status, e.to_string()).into_response()
+    ApiError::new(status, e.to_string())
 }
 
-fn app(state: &ApiState, access_key: &str) -> Result<AppRecord, Response> {
+fn deny(e: AuthError) -> Response {
+    refuse(e).into_response()
+}
+
+fn app(state: &ApiState, access_key: &str) -> Result<AppRecord, ApiError> {
     let id = normalize_app_id(access_key);
     match state.store.app_get(&id) {
         Ok(Some(app)) if app.active => Ok(app),
-        Ok(Some(app)) => Err(deny(AuthError::AppNotActive { app_id: app.id })),
-        Ok(None) => Err(deny(AuthError::AppNotFound)),
-        Err(e) => Err(ApiError::from(e).into_response()),
+        Ok(Some(app)) => Err(refuse(AuthError::AppNotActive { app_id: app.id })),
+        Ok(None) => Err(refuse(AuthError::AppNotFound)),
+        Err(e) => Err(ApiError::from(e)),
     }
 }
 
@@ -86,7 +90,7 @@ pub async fn authenticate(
             }
             let app = match app(&state, &access_key) {
                 Ok(a) => a,
-                Err(r) => return r,
+                Err(e) => return e.into_response(),
             };
             if let Err(e) = sigv4::verify(&signed, &state.keys.secret(&app), now, expires) {
                 return deny(e);
@@ -100,7 +104,7 @@ pub async fn authenticate(
             };
             let app = match app(&state, &claims.appid) {
                 Ok(a) => a,
-                Err(r) => return r,
+                Err(e) => return e.into_response(),
             };
             // No users on this host: every valid app token is a super token.
             if let Err(e) = jwt::verify(&token, &state.keys.secret(&app), now) {

@@ -8,7 +8,7 @@
 //! fails the answer is the first failure's status and message.
 
 use super::error::ApiError;
-use super::things::{create_one, delete_one, read_one, write_through};
+use super::things::{check_size, create_one, delete_one, read_one, write_through};
 use super::{ApiState, Caller};
 use crate::model::ThingInput;
 use axum::Extension;
@@ -23,13 +23,7 @@ use std::sync::Arc;
 pub const MAX_BATCH: usize = 100;
 
 fn items(state: &ApiState, body: &Bytes) -> Result<Vec<Value>, ApiError> {
-    if body.len() > state.config.max_entity_size {
-        return Err(ApiError::bad_request(format!(
-            "Request is too large: the body has {} bytes and the limit is {} (para.max_entity_size_bytes).",
-            body.len(),
-            state.config.max_entity_size
-        )));
-    }
+    check_size(state, body)?;
     let value: Value = serde_json::from_slice(body).map_err(|e| {
         ApiError::bad_request(format!(
             "Malformed JSON in the request body: {e}. Send a JSON array of things."

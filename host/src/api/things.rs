@@ -38,8 +38,8 @@ fn check_type(ty: &str) -> Result<(), ApiError> {
     }
 }
 
-/// Parses and type-checks a request body as a thing.
-pub fn parse_body(state: &ApiState, body: &Bytes) -> Result<ThingInput, ApiError> {
+/// Refuses a body over `para.max_entity_size_bytes`, as Para does (400).
+pub fn check_size(state: &ApiState, body: &Bytes) -> Result<(), ApiError> {
     if body.len() > state.config.max_entity_size {
         return Err(ApiError::bad_request(format!(
             "Request is too large: the body has {} bytes and the limit is {} (para.max_entity_size_bytes).",
@@ -47,6 +47,12 @@ pub fn parse_body(state: &ApiState, body: &Bytes) -> Result<ThingInput, ApiError
             state.config.max_entity_size
         )));
     }
+    Ok(())
+}
+
+/// Parses and type-checks a request body as a thing.
+pub fn parse_body(state: &ApiState, body: &Bytes) -> Result<ThingInput, ApiError> {
+    check_size(state, body)?;
     let value: Value = serde_json::from_slice(body).map_err(|e| {
         ApiError::bad_request(format!(
             "Malformed JSON in the request body: {e}. Send a JSON object such as {{\"name\":\"MyThing\",\"serviceBroker\":\"Azure\"}}."
@@ -256,9 +262,7 @@ pub async fn patch(
     Path((ty, id)): Path<(String, String)>,
     body: Bytes,
 ) -> ApiResult {
-    check_type(&ty)?;
-    let input = parse_body(&state, &body)?;
-    Ok(axum::Json(write_through(&state, &caller, &id, input, false).await?).into_response())
+    update(&state, &caller, &ty, &id, &body, false).await
 }
 
 /// `PUT /v1/things/{id}`: overwrite; unlike Para, it goes through the broker.
@@ -269,9 +273,20 @@ pub async fn put(
     Path((ty, id)): Path<(String, String)>,
     body: Bytes,
 ) -> ApiResult {
-    check_type(&ty)?;
-    let input = parse_body(&state, &body)?;
-    Ok(axum::Json(write_through(&state, &caller, &id, input, true).await?).into_response())
+    update(&state, &caller, &ty, &id, &body, true).await
+}
+
+async fn update(
+    state: &ApiState,
+    caller: &Caller,
+    ty: &str,
+    id: &str,
+    body: &Bytes,
+    overwrite: bool,
+) -> ApiResult {
+    check_type(ty)?;
+    let input = parse_body(state, body)?;
+    Ok(axum::Json(write_through(state, caller, id, input, overwrite).await?).into_response())
 }
 
 /// `DELETE /v1/things/{id}`: delete the device, then the thing.

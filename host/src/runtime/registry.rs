@@ -417,7 +417,15 @@ impl LoadedBroker {
             };
             wasmtime::Result::Ok(answer)
         };
-        match tokio::time::timeout(self.limits.call_timeout, work).await {
+        self.finish(tokio::time::timeout(self.limits.call_timeout, work).await)
+    }
+
+    /// Turns a timed, trapping, fallible call into one [`CallError`].
+    fn finish<T>(
+        &self,
+        result: Result<wasmtime::Result<Result<T, BrokerError>>, tokio::time::error::Elapsed>,
+    ) -> Result<T, CallError> {
+        match result {
             Err(_) => Err(CallError::Timeout {
                 broker: self.name().to_string(),
                 after: self.limits.call_timeout,
@@ -492,19 +500,7 @@ impl PollInstance {
                 .call_poll(&mut *store, cursor)
                 .await
         };
-        let result = tokio::time::timeout(broker.limits.call_timeout, work).await;
-        let outcome = match result {
-            Err(_) => Err(CallError::Timeout {
-                broker: broker.name().to_string(),
-                after: broker.limits.call_timeout,
-            }),
-            Ok(Err(trap)) => Err(broker.classify(trap)),
-            Ok(Ok(Err(error))) => Err(CallError::Broker {
-                broker: broker.name().to_string(),
-                error,
-            }),
-            Ok(Ok(Ok(batch))) => Ok(batch),
-        };
+        let outcome = broker.finish(tokio::time::timeout(broker.limits.call_timeout, work).await);
         if matches!(
             outcome,
             Err(CallError::Trap { .. }
