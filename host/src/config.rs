@@ -85,6 +85,10 @@ pub struct Config {
     pub limits: Limits,
     /// `para.host.tls_ca_file`: an extra CA brokers' HTTPS calls trust.
     pub tls_ca_file: Option<PathBuf>,
+    /// `para.host.janitor_after_ms`: how long a `creating`/`deleting` row
+    /// must be left alone before the janitor finishes it (default: twice
+    /// the call timeout, at least 30 s; never less than the call timeout).
+    pub janitor_after: Duration,
     /// Test-only fault: abort after a poll, before its commit.
     pub fault_crash_before_commit: bool,
     /// The broker table, by configured name (e.g. `Azure`).
@@ -117,6 +121,9 @@ pub struct BrokerConfig {
     /// `allowed_hosts`: `scheme://host[:port]` the broker may call. Empty
     /// denies all. `{key}` is replaced by the broker's own config value.
     pub allowed_hosts: Vec<String>,
+    /// `allowed_sockets`: endpoints the broker may open TCP connections to
+    /// (see [`crate::runtime::sockets`]). Empty grants none.
+    pub allowed_sockets: Vec<String>,
 }
 
 /// The `component` value that names the Azure broker built into the host.
@@ -189,6 +196,7 @@ impl Config {
                     * 1024,
             },
             tls_ca_file: get("para.host.tls_ca_file").map(PathBuf::from),
+            janitor_after: ms(parse_or(&raw, "para.host.janitor_after_ms", Some(0))?),
             fault_crash_before_commit: parse_or(
                 &raw,
                 "para.host.fault_crash_before_commit",
@@ -286,6 +294,7 @@ fn broker_table(
                 component: PathBuf::from(BUILTIN_AZURE),
                 namespace: "azure".into(),
                 allowed_hosts: vec!["https://{iot_hostname}".into()],
+                allowed_sockets: vec!["{iot_eventhub_endpoint}".into()],
             },
         );
     }
@@ -298,16 +307,20 @@ fn broker_table(
                 value: String::new(),
                 why: format!("broker {name} needs the path of its .wasm component"),
             })?;
-        let allowed_hosts = match raw.get(&key("allowed_hosts")) {
-            None => Vec::new(),
-            Some(v) => {
-                serde_json::from_str::<Vec<String>>(v).map_err(|e| ConfigError::Invalid {
-                    key: key("allowed_hosts"),
-                    value: v.clone(),
-                    why: format!("expected a list of \"scheme://host[:port]\" strings ({e})"),
-                })?
+        let list = |field: &str, shape: &str| -> Result<Vec<String>, ConfigError> {
+            match raw.get(&key(field)) {
+                None => Ok(Vec::new()),
+                Some(v) => {
+                    serde_json::from_str::<Vec<String>>(v).map_err(|e| ConfigError::Invalid {
+                        key: key(field),
+                        value: v.clone(),
+                        why: format!("expected a list of \"{shape}\" strings ({e})"),
+                    })
+                }
             }
         };
+        let allowed_hosts = list("allowed_hosts", "scheme://host[:port]")?;
+        let allowed_sockets = list("allowed_sockets", "host:port")?;
         let namespace = raw
             .get(&key("config_namespace"))
             .cloned()
@@ -319,6 +332,7 @@ fn broker_table(
                 component: PathBuf::from(component),
                 namespace,
                 allowed_hosts,
+                allowed_sockets,
             },
         );
     }

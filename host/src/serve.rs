@@ -67,7 +67,14 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let settings = PollSettings {
         interval: state.config.poll_interval,
         max_backoff: state.config.poll_max_backoff,
-        stale_create: (state.config.limits.call_timeout * 2).max(Duration::from_secs(30)),
+        stale_create: if state.config.janitor_after.is_zero() {
+            (state.config.limits.call_timeout * 2).max(Duration::from_secs(30))
+        } else {
+            state
+                .config
+                .janitor_after
+                .max(state.config.limits.call_timeout)
+        },
         crash_before_commit: state.config.fault_crash_before_commit,
     };
     let mut pollers = Vec::new();

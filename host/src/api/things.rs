@@ -14,7 +14,7 @@
 use super::error::ApiError;
 use super::{ApiState, Caller};
 use crate::model::{Thing, ThingInput, now_ms};
-use crate::runtime::registry::LoadedBroker;
+use crate::runtime::registry::{BrokerError, CallError, LoadedBroker};
 use crate::store::{Lifecycle, ListQuery, SortField};
 use axum::Extension;
 use axum::body::Bytes;
@@ -156,7 +156,18 @@ pub async fn create_one(
     let created = match broker.create(&thing).await {
         Ok(c) => c,
         Err(err) => {
-            undo_create(&broker, state, &thing).await;
+            let outcome_known = matches!(
+                &err,
+                CallError::Broker {
+                    error: BrokerError::NotFound(_)
+                        | BrokerError::Conflict(_)
+                        | BrokerError::Unauthorized(_)
+                        | BrokerError::InvalidInput(_)
+                        | BrokerError::Misconfigured(_),
+                    ..
+                }
+            );
+            undo_create(&broker, state, &thing, outcome_known).await;
             return Err(ApiError::from_call(
                 err,
                 &format!("create the device for thing {}", thing.id),
@@ -168,13 +179,13 @@ pub async fn create_one(
     let (details, metadata) = match (details, metadata) {
         (Ok(d), Ok(m)) => (d, m),
         (Err(e), _) | (_, Err(e)) => {
-            undo_create(&broker, state, &thing).await;
+            undo_create(&broker, state, &thing, true).await;
             return Err(e);
         }
     };
     thing.metadata = metadata;
     if let Err(e) = state.store.insert(&thing, Lifecycle::Active) {
-        undo_create(&broker, state, &thing).await;
+        undo_create(&broker, state, &thing, true).await;
         return Err(e.into());
     }
     tracing::info!(thing = %thing.id, broker = %thing.service_broker, "thing created");
@@ -186,9 +197,16 @@ pub async fn create_one(
 }
 
 /// Undoes a failed create: delete whatever device exists, then the row.
-/// If the delete fails, the row stays `creating` for the janitor.
-async fn undo_create(broker: &LoadedBroker, state: &ApiState, thing: &Thing) {
+///
+/// When the outcome of `create` is unknown (a timeout, a crash, a dropped
+/// connection), the cloud may still apply the request after this delete, so
+/// the row stays `creating` and the janitor deletes the device again once
+/// the row is older than any call could take. Likewise if the delete fails.
+async fn undo_create(broker: &LoadedBroker, state: &ApiState, thing: &Thing, outcome_known: bool) {
     match broker.delete(thing).await {
+        Ok(()) if !outcome_known => {
+            tracing::info!(thing = %thing.id, "create outcome unknown; the janitor will delete the device again later");
+        }
         Ok(()) => {
             if let Err(e) = state.store.remove(&thing.appid, &thing.id) {
                 tracing::error!(thing = %thing.id, error = %e, "could not remove the row of a failed create; the janitor will");

@@ -3,6 +3,7 @@
 //! * [`engine`]: the one wasmtime `Engine` and its epoch ticker.
 //! * [`limits`]: per-call CPU and memory limits.
 //! * [`egress`]: which hosts a broker may call over HTTP(S).
+//! * [`sockets`]: which addresses a broker may open TCP connections to.
 //! * [`config`]: `wasi:config/store`, a broker's own config keys.
 //! * [`storage`]: durable key-value storage and logging.
 //! * [`registry`]: loading, checking and calling broker components.
@@ -12,6 +13,7 @@ pub mod egress;
 pub mod engine;
 pub mod limits;
 pub mod registry;
+pub mod sockets;
 pub mod state;
 pub mod storage;
 

@@ -12,6 +12,7 @@
 use super::bindings::{BrokerGuest, BrokerGuestPre};
 use super::egress::{EgressConfigError, EgressHooks, EgressPolicy, TlsRoots};
 use super::limits::{CpuBudgetExceeded, CpuMeter, memory_limits};
+use super::sockets::SocketGrants;
 use super::state::{BrokerContext, BrokerState};
 use super::{CONTRACT_PACKAGE, CONTRACT_VERSION};
 use crate::config::{BUILTIN_AZURE, BrokerConfig, Config, Limits};
@@ -152,6 +153,7 @@ pub struct LoadedBroker {
     engine: Engine,
     pre: BrokerGuestPre<BrokerState>,
     policy: Arc<EgressPolicy>,
+    sockets: SocketGrants,
     tls: TlsRoots,
     limits: Limits,
 }
@@ -336,8 +338,17 @@ impl LoadedBroker {
         tls: TlsRoots,
     ) -> Result<Self, LoadError> {
         let (_component, pre, report) = inspect(engine, &bc.name, &bc.component)?;
-        let keys = config.broker_keys(&bc.namespace);
+        let mut keys = config.broker_keys(&bc.namespace);
         let policy = EgressPolicy::new(&bc.name, &bc.allowed_hosts, &keys)?;
+        let sockets = SocketGrants::resolve(&bc.name, &bc.allowed_sockets, &keys);
+        if let Some(ca) = &config.tls_ca_file {
+            // Brokers that speak TLS themselves (AMQP) trust the same extra CA.
+            let pem = std::fs::read_to_string(ca).map_err(|e| LoadError::Other {
+                broker: bc.name.clone(),
+                message: format!("cannot read para.host.tls_ca_file {}: {e}", ca.display()),
+            })?;
+            keys.insert("tls_ca_pem".into(), pem);
+        }
         Ok(LoadedBroker {
             context: Arc::new(BrokerContext {
                 name: bc.name.clone(),
@@ -348,6 +359,7 @@ impl LoadedBroker {
             engine: engine.clone(),
             pre,
             policy: Arc::new(policy),
+            sockets,
             tls,
             limits: config.limits,
         })
@@ -359,11 +371,9 @@ impl LoadedBroker {
     }
 
     fn new_store(&self) -> Store<BrokerState> {
-        let wasi = WasiCtxBuilder::new()
-            .allow_tcp(false)
-            .allow_udp(false)
-            .allow_ip_name_lookup(false)
-            .build();
+        let mut builder = WasiCtxBuilder::new();
+        self.sockets.apply(&mut builder, self.name());
+        let wasi = builder.build();
         let state = BrokerState {
             broker: self.context.clone(),
             wasi,

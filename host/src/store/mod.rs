@@ -152,8 +152,9 @@ pub trait Store: Send + Sync {
     fn remove(&self, appid: &str, id: &str) -> Result<(), StoreError>;
     /// Lists an app's active things.
     fn list(&self, appid: &str, query: &ListQuery) -> Result<Page, StoreError>;
-    /// Things stuck in `Creating` (older than `older_than_ms`) or `Deleting`,
-    /// which need their broker `delete` finished.
+    /// Things that have been `Creating` or `Deleting` for longer than
+    /// `older_than_ms` (longer than any API call may take): their broker
+    /// `delete` must be finished by the janitor.
     fn unfinished(&self, older_than_ms: u64) -> Result<Vec<(Thing, Lifecycle)>, StoreError>;
 
     /// The last committed poll cursor of a broker (empty if none).

@@ -40,6 +40,7 @@ CREATE TABLE IF NOT EXISTS things (
     version INTEGER NOT NULL,
     state_updated INTEGER NOT NULL,
     lifecycle TEXT NOT NULL,
+    lifecycle_at INTEGER NOT NULL,
     PRIMARY KEY (appid, id)
 );
 CREATE INDEX IF NOT EXISTS things_by_time ON things (appid, lifecycle, timestamp);
@@ -135,7 +136,10 @@ fn row_to_thing(row: &Row<'_>) -> rusqlite::Result<(Thing, Lifecycle)> {
 
 fn write_thing(conn: &Connection, t: &Thing, state: Lifecycle) -> rusqlite::Result<usize> {
     conn.execute(
-        &format!("INSERT OR REPLACE INTO things ({COLUMNS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12)"),
+        &format!(
+            "INSERT OR REPLACE INTO things ({COLUMNS}, lifecycle_at) \
+             VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13)"
+        ),
         params![
             t.appid,
             t.id,
@@ -149,6 +153,7 @@ fn write_thing(conn: &Connection, t: &Thing, state: Lifecycle) -> rusqlite::Resu
             t.version as i64,
             t.state_updated as i64,
             state.as_str(),
+            now_ms() as i64,
         ],
     )
 }
@@ -252,8 +257,8 @@ impl Store for SqliteStore {
 
     fn set_lifecycle(&self, appid: &str, id: &str, state: Lifecycle) -> Result<(), StoreError> {
         let n = self.conn().execute(
-            "UPDATE things SET lifecycle = ?3 WHERE appid = ?1 AND id = ?2",
-            params![appid, id, state.as_str()],
+            "UPDATE things SET lifecycle = ?3, lifecycle_at = ?4 WHERE appid = ?1 AND id = ?2",
+            params![appid, id, state.as_str(), now_ms() as i64],
         )?;
         if n == 0 {
             return Err(StoreError::NotFound(id.to_string()));
@@ -315,8 +320,8 @@ impl Store for SqliteStore {
         let conn = self.conn();
         let cutoff = now_ms().saturating_sub(older_than_ms) as i64;
         let mut stmt = conn.prepare(&format!(
-            "SELECT {COLUMNS} FROM things WHERE lifecycle = 'deleting' \
-             OR (lifecycle = 'creating' AND timestamp < ?1)"
+            "SELECT {COLUMNS} FROM things WHERE lifecycle IN ('creating', 'deleting') \
+             AND lifecycle_at < ?1"
         ))?;
         let rows = stmt.query_map(params![cutoff], row_to_thing)?;
         let mut out = Vec::new();
