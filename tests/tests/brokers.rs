@@ -269,3 +269,30 @@ fn egress_reaches_only_allowed_hosts() {
     assert!(err.contains("exited"), "{err}");
     let _unused: Option<Process> = None;
 }
+
+#[test]
+fn raw_sockets_reach_only_the_endpoints_config_names() {
+    let allowed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let denied = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let (a, d) = (allowed.local_addr().unwrap(), denied.local_addr().unwrap());
+    let dir = temp_dir("sockets");
+    let cfg = broker_config(
+        "H",
+        &fixture("hostile"),
+        &format!(
+            "{LIMITS}\npara.h.socket_allowed = \"{a}\"\npara.h.socket_denied = \"{d}\"\npara.brokers.H.allowed_sockets = [\"{{socket_allowed}}\"]"
+        ),
+    );
+    let host = Host::start(&dir, &cfg);
+    let res = post(&host, "socket", "H");
+    assert_eq!(res.status, 502);
+    let msg = res.json()["message"].as_str().unwrap().to_string();
+    assert!(msg.contains("socket_allowed: connected"), "{msg}");
+    assert!(msg.contains("socket_denied: refused (PermissionDenied)"), "{msg}");
+    // Without a grant, no socket at all.
+    let dir = temp_dir("sockets-none");
+    let cfg = broker_config("H", &fixture("hostile"), &format!("{LIMITS}\npara.h.socket_allowed = \"{a}\""));
+    let host = Host::start(&dir, &cfg);
+    let msg = post(&host, "socket", "H").json()["message"].as_str().unwrap().to_string();
+    assert!(msg.contains("socket_allowed: refused"), "{msg}");
+}
