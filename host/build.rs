@@ -13,8 +13,15 @@ fn main() {
         PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| ".".into()));
     let root = manifest.parent().unwrap_or(&manifest).to_path_buf();
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap_or_else(|_| ".".into()));
-    for watched in ["plugin/src", "plugin/Cargo.toml", "wit", "build-support"] {
-        println!("cargo:rerun-if-changed={}", root.join(watched).display());
+    // Relative paths (to this package), so a build in another checkout
+    // sharing the target directory watches its own sources.
+    for watched in [
+        "../plugin/src",
+        "../plugin/Cargo.toml",
+        "../wit",
+        "../build-support",
+    ] {
+        println!("cargo:rerun-if-changed={watched}");
     }
     let dir = components::build_components(&root, &out, &["azure-broker"]);
     let (wasm, dest) = (dir.join("azure_broker.wasm"), out.join("azure_broker.wasm"));

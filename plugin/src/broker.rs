@@ -4,8 +4,10 @@
 //! flows — idempotent create, etag-checked twin updates, lossless paging —
 //! are tested natively; `lib.rs` only converts to and from the WIT types.
 
-use crate::cursor::{Cursor, Scan};
+use crate::amqp::transport::Connector;
+use crate::cursor::{Cursor, PollCursor, Scan};
 use crate::error::{self, Failure};
+use crate::eventhub::{BUSY_POLL_MS, EventHubConfig, Reader};
 use crate::hub::{Hub, Retry};
 use crate::platform::{Level, Method, Platform};
 use crate::query::{self, Change};
@@ -257,9 +259,35 @@ pub fn delete<P: Platform>(hub: &mut Hub<'_, P>, thing: &ThingRef<'_>) -> Result
     }
 }
 
-/// Fetches reported-state changes after `cursor`.
+/// Fetches reported-state changes after `cursor` (twins only: D2C reading
+/// off).
 pub fn poll<P: Platform>(hub: &mut Hub<'_, P>, cursor: &str) -> Result<PollOut, Failure> {
-    let start = match Cursor::parse(cursor) {
+    poll_with_events(hub, cursor, None)
+}
+
+/// The D2C side of a poll: the instance's reader, how it connects, and the
+/// validated Event Hub settings.
+pub struct Events<'a> {
+    /// The long-lived reader (connection and links).
+    pub reader: &'a mut Reader,
+    /// Opens TLS/TCP streams.
+    pub connector: &'a mut dyn Connector,
+    /// The Event Hub settings.
+    pub config: &'a EventHubConfig,
+}
+
+/// Fetches reported-state changes after `cursor` and, with `events`, the
+/// device-to-cloud messages after the cursor's partition checkpoints.
+///
+/// The two sources fail independently: when one fails and the other has
+/// changes, those are returned (the failed side's cursor part stays put);
+/// when nothing was found, the failure is the result.
+pub fn poll_with_events<P: Platform>(
+    hub: &mut Hub<'_, P>,
+    cursor: &str,
+    events: Option<Events<'_>>,
+) -> Result<PollOut, Failure> {
+    let start = match PollCursor::parse(cursor) {
         Ok(c) => c,
         Err(why) => {
             hub.log(
@@ -268,9 +296,80 @@ pub fn poll<P: Platform>(hub: &mut Hub<'_, P>, cursor: &str) -> Result<PollOut, 
                     "the stored poll cursor is unusable ({why}); starting from the beginning, which re-delivers every device's current reported state"
                 ),
             );
-            Cursor::initial()
+            PollCursor::initial()
         }
     };
+    let twins = poll_twins(hub, start.twin.clone());
+    let Some(ev) = events else {
+        let t = twins?;
+        return Ok(PollOut {
+            changes: t.changes,
+            cursor: PollCursor {
+                twin: t.cursor,
+                eh: start.eh,
+            }
+            .to_text(false),
+            next_poll_ms: t.next_poll_ms,
+        });
+    };
+    let batch = ev
+        .reader
+        .poll(&*hub.platform, ev.connector, ev.config, &start.eh);
+    let (twin_changes, twin_cursor, twin_next) = match twins {
+        Ok(t) => (t.changes, t.cursor, t.next_poll_ms),
+        Err(f) => match &batch {
+            Ok(b) if !b.changes.is_empty() || b.messages > 0 => {
+                hub.log(
+                    Level::Warn,
+                    &format!(
+                        "twin query failed ({f}); returning the device-to-cloud messages only"
+                    ),
+                );
+                (Vec::new(), start.twin.clone(), None)
+            }
+            _ => return Err(f),
+        },
+    };
+    let (mut changes, eh, events_next) = match batch {
+        Ok(b) => {
+            let next = (b.messages > 0).then_some(BUSY_POLL_MS);
+            let mut changes = twin_changes;
+            changes.extend(b.changes);
+            (changes, b.checkpoints, next)
+        }
+        Err(f) if twin_changes.is_empty() => return Err(f),
+        Err(f) => {
+            hub.log(
+                Level::Warn,
+                &format!("device-to-cloud messages were not read this poll ({f})"),
+            );
+            (twin_changes, start.eh.clone(), None)
+        }
+    };
+    changes.shrink_to_fit();
+    let next_poll_ms = match (twin_next, events_next) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    Ok(PollOut {
+        changes,
+        cursor: PollCursor {
+            twin: twin_cursor,
+            eh,
+        }
+        .to_text(true),
+        next_poll_ms,
+    })
+}
+
+/// What the twin query part of a poll found.
+struct TwinPoll {
+    changes: Vec<Change>,
+    cursor: Cursor,
+    next_poll_ms: Option<u64>,
+}
+
+fn poll_twins<P: Platform>(hub: &mut Hub<'_, P>, start: Cursor) -> Result<TwinPoll, Failure> {
     let mut scan = Scan::new(start);
     let since = scan.since_text().to_string();
     let body = query::query_body(&scan.query_bound());
@@ -320,9 +419,9 @@ pub fn poll<P: Platform>(hub: &mut Hub<'_, P>, cursor: &str) -> Result<PollOut, 
                     Failure::Throttled { retry_after_ms, .. } => Some(*retry_after_ms),
                     _ => None,
                 };
-                return Ok(PollOut {
+                return Ok(TwinPoll {
                     changes,
-                    cursor: scan.partial().to_text(),
+                    cursor: scan.partial(),
                     next_poll_ms,
                 });
             }
@@ -343,9 +442,9 @@ pub fn poll<P: Platform>(hub: &mut Hub<'_, P>, cursor: &str) -> Result<PollOut, 
                         changes.len()
                     ),
                 );
-                return Ok(PollOut {
+                return Ok(TwinPoll {
                     changes,
-                    cursor: scan.partial().to_text(),
+                    cursor: scan.partial(),
                     next_poll_ms: Some(0),
                 });
             }
@@ -361,9 +460,9 @@ pub fn poll<P: Platform>(hub: &mut Hub<'_, P>, cursor: &str) -> Result<PollOut, 
             scan.delivered()
         ),
     );
-    Ok(PollOut {
+    Ok(TwinPoll {
         changes,
-        cursor: scan.complete().to_text(),
+        cursor: scan.complete(),
         next_poll_ms: None,
     })
 }

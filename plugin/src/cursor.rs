@@ -14,13 +14,19 @@
 //!   `>=` re-returns them); after a poll cut short by a failed page, every
 //!   version delivered since `since`, because `since` could not advance.
 //!
+//! Format version 2 wraps version 1 when the broker also reads
+//! device-to-cloud messages (`iot_eventhub_endpoint` set):
+//! `{"v":2,"twin":<version-1 cursor>,"eh":{"<partition>":"<offset>",...}}`,
+//! where each offset is the `x-opt-offset` of the last message returned
+//! from that partition (see [`PollCursor`]). Version 1 text is still read.
+//!
 //! So nothing is lost (`since` only moves past instants whose twins were all
 //! returned) and nothing is returned forever (what `>=` re-returns is in
 //! `seen`, and `seen` is rebuilt whenever `since` advances).
 
 use crate::timestamp::{self, Timestamp};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// The cursor format version this broker writes.
 pub const VERSION: u32 = 1;
@@ -70,6 +76,81 @@ impl Cursor {
     /// Encodes the cursor as the text the host stores.
     pub fn to_text(&self) -> String {
         serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+/// The version of the cursor that also carries Event Hub checkpoints.
+pub const EVENTS_VERSION: u32 = 2;
+
+/// The whole poll cursor: the twin-query cursor plus, when D2C reading is
+/// on, each partition's checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PollCursor {
+    /// Where the twin query got to.
+    pub twin: Cursor,
+    /// Partition number (as text) → offset of the last message returned.
+    pub eh: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+struct V2 {
+    #[serde(default)]
+    twin: Option<serde_json::Value>,
+    #[serde(default)]
+    eh: BTreeMap<String, String>,
+}
+
+impl PollCursor {
+    /// The cursor before the first poll.
+    pub fn initial() -> PollCursor {
+        PollCursor {
+            twin: Cursor::initial(),
+            eh: BTreeMap::new(),
+        }
+    }
+
+    /// Decodes version 1 or 2 cursor text; empty text is the initial cursor.
+    pub fn parse(text: &str) -> Result<PollCursor, String> {
+        if text.trim().is_empty() {
+            return Ok(PollCursor::initial());
+        }
+        let v: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| format!("not a cursor ({e})"))?;
+        match v.get("v").and_then(serde_json::Value::as_u64) {
+            Some(2) => {
+                let c: V2 = serde_json::from_value(v)
+                    .map_err(|e| format!("not a version-2 cursor ({e})"))?;
+                let twin = match c.twin {
+                    None | Some(serde_json::Value::Null) => Cursor::initial(),
+                    Some(t) => Cursor::parse(&t.to_string())?,
+                };
+                Ok(PollCursor { twin, eh: c.eh })
+            }
+            _ => Ok(PollCursor {
+                twin: Cursor::parse(text)?,
+                eh: BTreeMap::new(),
+            }),
+        }
+    }
+
+    /// Encodes the cursor: version 2 when D2C reading is on (`events`) or
+    /// checkpoints are held, else exactly the version-1 text.
+    pub fn to_text(&self, events: bool) -> String {
+        if !events && self.eh.is_empty() {
+            return self.twin.to_text();
+        }
+        #[derive(Serialize)]
+        struct Out<'a> {
+            v: u32,
+            twin: &'a Cursor,
+            eh: &'a BTreeMap<String, String>,
+        }
+        serde_json::to_string(&Out {
+            v: EVENTS_VERSION,
+            twin: &self.twin,
+            eh: &self.eh,
+        })
+        .unwrap_or_default()
     }
 }
 
@@ -298,6 +379,31 @@ mod tests {
                 seen: vec!["x@1".into()]
             }
         );
+    }
+
+    #[test]
+    fn poll_cursor_versions() {
+        let v1 = r#"{"v":1,"since":"2024-05-01T10:00:00.1000000Z","seen":["a:1@3"]}"#;
+        let c = PollCursor::parse(v1).expect("v1");
+        assert_eq!(c.twin.since, T1);
+        assert!(c.eh.is_empty());
+        assert_eq!(c.to_text(false), v1, "v1 stays v1 with events off");
+        let mut c2 = c.clone();
+        c2.eh.insert("0".into(), "4096".into());
+        c2.eh.insert("1".into(), "-1".into());
+        let text = c2.to_text(true);
+        assert_eq!(
+            text,
+            r#"{"v":2,"twin":{"v":1,"since":"2024-05-01T10:00:00.1000000Z","seen":["a:1@3"]},"eh":{"0":"4096","1":"-1"}}"#
+        );
+        assert_eq!(PollCursor::parse(&text), Ok(c2.clone()));
+        // Events switched off later: checkpoints are kept.
+        assert_eq!(c2.to_text(false), text);
+        assert_eq!(PollCursor::parse(""), Ok(PollCursor::initial()));
+        assert_eq!(PollCursor::parse(r#"{"v":2}"#), Ok(PollCursor::initial()));
+        assert!(PollCursor::parse(r#"{"v":2,"eh":{"0":5}}"#).is_err());
+        assert!(PollCursor::parse(r#"{"v":3,"since":"x"}"#).is_err());
+        assert!(PollCursor::parse("garbage").is_err());
     }
 
     #[test]

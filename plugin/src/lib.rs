@@ -8,21 +8,28 @@
 //!   `deviceState` (etag-checked merge-patch).
 //! * `delete` removes the device.
 //! * `poll` queries twins whose reported properties changed since the
-//!   cursor and returns their reported state.
+//!   cursor and returns their reported state; with `iot_eventhub_endpoint`
+//!   set it also returns the device-to-cloud JSON messages read over AMQP
+//!   from the hub's Event Hub-compatible endpoint (`eventhub.rs`).
 //!
 //! Configuration (`para.azure.*`): `iot_hostname`, `iot_access_key`,
-//! optional `iot_policy_name` (default `iothubowner`) and `iot_endpoint`.
+//! optional `iot_policy_name` (default `iothubowner`) and `iot_endpoint`;
+//! for D2C: `iot_eventhub_endpoint`, `iot_eventhub_name`, `iot_partitions`,
+//! `iot_max_messages`, `iot_consumer_group`, and `tls_ca_pem` (injected by
+//! the host from `para.host.tls_ca_file`).
 //!
 //! Everything but the component glue at the bottom of this file (and
 //! `http.rs`) is plain Rust, unit-tested natively.
 
 #![warn(missing_docs)]
 
+pub mod amqp;
 pub mod broker;
 pub mod config;
 pub mod connstr;
 pub mod cursor;
 pub mod error;
+pub mod eventhub;
 pub mod hub;
 pub mod platform;
 pub mod query;
@@ -51,14 +58,16 @@ mod component {
     //! The WIT edge: converts between generated types and the broker's own,
     //! reads configuration and keeps the SAS token cache for the instance.
 
+    use crate::amqp::wasi_tcp::WasiConnector;
     use crate::bindings::exports::para::broker::thing_broker::Guest;
     use crate::bindings::para::broker::types::{
         BrokerError, Created, PollBatch, StateChange, Thing, Throttle,
     };
     use crate::bindings::wasi::config::store;
-    use crate::broker::{self, ThingRef};
+    use crate::broker::{self, Events, ThingRef};
     use crate::config::Config;
     use crate::error::Failure;
+    use crate::eventhub::{EventHubConfig, Reader};
     use crate::http::Wasi;
     use crate::hub::Hub;
     use crate::platform::{Level, Platform};
@@ -68,16 +77,21 @@ mod component {
     thread_local! {
         /// The instance's SAS token, reused until shortly before expiry.
         static TOKENS: RefCell<TokenCache> = RefCell::new(TokenCache::new());
+        /// The D2C reader and its AMQP connection. Only `poll` touches it,
+        /// so only the long-lived poll instance ever connects.
+        static EVENTS: RefCell<Reader> = RefCell::new(Reader::new());
     }
 
     struct AzureBroker;
 
-    fn load_config() -> Result<Config, Failure> {
-        Config::load(|key| {
-            store::get(key).map_err(|e| match e {
-                store::Error::Upstream(m) | store::Error::Io(m) => m,
-            })
+    fn store_get(key: &str) -> Result<Option<String>, String> {
+        store::get(key).map_err(|e| match e {
+            store::Error::Upstream(m) | store::Error::Io(m) => m,
         })
+    }
+
+    fn load_config() -> Result<Config, Failure> {
+        Config::load(store_get)
     }
 
     /// Runs one operation with configuration, a hub connection and error
@@ -150,7 +164,20 @@ mod component {
         }
 
         fn poll(cursor: String) -> Result<PollBatch, BrokerError> {
-            with_hub("poll", |hub| broker::poll(hub, &cursor)).map(|p| PollBatch {
+            with_hub("poll", |hub| match EventHubConfig::load(store_get)? {
+                None => broker::poll(hub, &cursor),
+                Some(config) => EVENTS.with(|reader| {
+                    let mut reader = reader.borrow_mut();
+                    let mut connector = WasiConnector;
+                    let events = Events {
+                        reader: &mut reader,
+                        connector: &mut connector,
+                        config: &config,
+                    };
+                    broker::poll_with_events(hub, &cursor, Some(events))
+                }),
+            })
+            .map(|p| PollBatch {
                 changes: p
                     .changes
                     .into_iter()

@@ -288,11 +288,21 @@ fn raw_sockets_reach_only_the_endpoints_config_names() {
     assert_eq!(res.status, 502);
     let msg = res.json()["message"].as_str().unwrap().to_string();
     assert!(msg.contains("socket_allowed: connected"), "{msg}");
-    assert!(msg.contains("socket_denied: refused (PermissionDenied)"), "{msg}");
+    assert!(
+        msg.contains("socket_denied: refused (PermissionDenied)"),
+        "{msg}"
+    );
     // Without a grant, no socket at all.
     let dir = temp_dir("sockets-none");
-    let cfg = broker_config("H", &fixture("hostile"), &format!("{LIMITS}\npara.h.socket_allowed = \"{a}\""));
+    let cfg = broker_config(
+        "H",
+        &fixture("hostile"),
+        &format!("{LIMITS}\npara.h.socket_allowed = \"{a}\""),
+    );
     let host = Host::start(&dir, &cfg);
-    let msg = post(&host, "socket", "H").json()["message"].as_str().unwrap().to_string();
+    let msg = post(&host, "socket", "H").json()["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert!(msg.contains("socket_allowed: refused"), "{msg}");
 }

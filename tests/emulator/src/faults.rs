@@ -19,6 +19,14 @@
 //!
 //! Every rule whose matchers match a request counts it; the first rule (in installation order)
 //! that fires decides the fault.
+//!
+//! AMQP kinds (the Event Hub-compatible endpoint, `amqp.rs`) never match HTTP requests and take
+//! no matchers, `count` or `every`; each fires once:
+//! - `amqpDrop`: closes every open AMQP connection abruptly (TCP FIN without an AMQP `close`
+//!   frame or TLS close_notify): at once when installed, or, with `afterDeliveries: N`, right
+//!   after the next N deliveries (counted over all receivers).
+//! - `amqpExpireTokens`: treats every connection's CBS token as expired now, so receivers are
+//!   detached with `amqp:unauthorized-access` (as when a short-lived token runs out).
 
 use serde::{Deserialize, Serialize};
 
@@ -49,6 +57,24 @@ pub enum FaultAction {
     },
     /// Close the connection without a response.
     Drop,
+    /// Close every AMQP connection abruptly, now or after N deliveries.
+    AmqpDrop {
+        /// Deliveries to let through first (`None`: drop at once).
+        #[serde(rename = "afterDeliveries", skip_serializing_if = "Option::is_none")]
+        after_deliveries: Option<u64>,
+    },
+    /// Expire the CBS authorization of every AMQP connection now.
+    AmqpExpireTokens,
+}
+
+impl FaultAction {
+    /// Whether this is an AMQP fault (never applied to HTTP requests).
+    pub fn is_amqp(&self) -> bool {
+        matches!(
+            self,
+            FaultAction::AmqpDrop { .. } | FaultAction::AmqpExpireTokens
+        )
+    }
 }
 
 /// The JSON a test posts for one rule.
@@ -75,6 +101,8 @@ pub struct FaultRuleSpec {
     pub retry_after: Option<u64>,
     /// For `delayMs`.
     pub delay_ms: Option<u64>,
+    /// For `amqpDrop`: deliveries to let through before dropping.
+    pub after_deliveries: Option<u64>,
 }
 
 /// An installed rule with its counters.
@@ -151,6 +179,7 @@ impl FaultRuleSpec {
                 ("message", self.message.is_some()),
                 ("retryAfter", self.retry_after.is_some()),
                 ("delayMs", self.delay_ms.is_some()),
+                ("afterDeliveries", self.after_deliveries.is_some()),
             ];
             match present.iter().find(|(n, p)| *p && !allowed.contains(n)) {
                 Some((n, _)) => Err(format!(
@@ -190,9 +219,35 @@ impl FaultRuleSpec {
                 only(&[])?;
                 FaultAction::Drop
             }
+            "amqpDrop" | "amqpExpireTokens" => {
+                if self.method.is_some()
+                    || self.path_prefix.is_some()
+                    || self.every.is_some()
+                    || self.count.is_some_and(|c| c != 1)
+                {
+                    return Err(format!(
+                        "kind '{}' takes no method, pathPrefix, count or every (it fires once)",
+                        self.kind
+                    ));
+                }
+                if self.kind == "amqpDrop" {
+                    only(&["afterDeliveries"])?;
+                    if self.after_deliveries == Some(0) {
+                        return Err(
+                            "afterDeliveries must be at least 1 (omit it to drop at once)".into(),
+                        );
+                    }
+                    FaultAction::AmqpDrop {
+                        after_deliveries: self.after_deliveries,
+                    }
+                } else {
+                    only(&[])?;
+                    FaultAction::AmqpExpireTokens
+                }
+            }
             other => {
                 return Err(format!(
-                    "unknown fault kind '{other}' (expected status, delayMs or drop)"
+                    "unknown fault kind '{other}' (expected status, delayMs, drop, amqpDrop or amqpExpireTokens)"
                 ));
             }
         };
@@ -252,7 +307,7 @@ impl FaultAction {
 pub fn evaluate(rules: &mut [FaultRule], method: &str, path: &str) -> Option<FaultAction> {
     let mut fired = None;
     for r in rules.iter_mut() {
-        if !r.matches(method, path) {
+        if r.action.is_amqp() || !r.matches(method, path) {
             continue;
         }
         r.matched += 1;
@@ -327,6 +382,25 @@ mod tests {
     }
 
     #[test]
+    fn amqp_kinds_never_match_http() {
+        let mut r = rules(
+            r#"[{"kind":"amqpDrop","afterDeliveries":3},{"kind":"amqpExpireTokens"},{"kind":"amqpDrop"}]"#,
+        );
+        assert_eq!(
+            r[0].action,
+            FaultAction::AmqpDrop {
+                after_deliveries: Some(3)
+            }
+        );
+        assert_eq!(r[1].action, FaultAction::AmqpExpireTokens);
+        assert!(evaluate(&mut r, "GET", "/devices/x").is_none());
+        assert_eq!(r[0].matched, 0);
+        let v = serde_json::to_value(&r[0]).unwrap();
+        assert_eq!(v["action"]["kind"], "amqpDrop");
+        assert_eq!(v["action"]["afterDeliveries"], 3);
+    }
+
+    #[test]
     fn defaults_and_validation() {
         let r = rules(r#"{"kind":"status","status":503}"#);
         assert_eq!(r[0].count, Some(1));
@@ -342,6 +416,11 @@ mod tests {
             r#"{"kind":"drop","count":1,"every":2}"#,
             r#"{"kind":"drop","every":0}"#,
             r#"{"kind":"drop","colour":"red"}"#,
+            r#"{"kind":"amqpDrop","afterDeliveries":0}"#,
+            r#"{"kind":"amqpDrop","every":2}"#,
+            r#"{"kind":"amqpDrop","pathPrefix":"/"}"#,
+            r#"{"kind":"amqpExpireTokens","afterDeliveries":1}"#,
+            r#"{"kind":"drop","afterDeliveries":1}"#,
         ] {
             let res = parse_specs(bad.as_bytes()).and_then(|s| {
                 s.into_iter()

@@ -238,7 +238,7 @@ impl Device {
     }
 }
 
-/// A stored device-to-cloud message (kept for tests and a later AMQP endpoint).
+/// A stored device-to-cloud message (read back by tests and by the AMQP endpoint).
 #[derive(Debug, Clone)]
 pub struct StoredMessage {
     /// Sender.
@@ -251,6 +251,10 @@ pub struct StoredMessage {
     pub offset: u64,
     /// When the hub accepted it.
     pub enqueued_time: String,
+    /// The same instant in Unix milliseconds (`x-opt-enqueued-time`).
+    pub enqueued_ms: i64,
+    /// The sender's generation id (`iothub-connection-auth-generation-id`).
+    pub generation_id: String,
     /// Raw body.
     pub body: Vec<u8>,
     /// Application properties (`iothub-app-` stripped).
@@ -335,6 +339,10 @@ pub struct Hub {
     /// Shared access policies.
     pub policies: Vec<Policy>,
     state: Mutex<State>,
+    /// Bumped after every stored D2C message, so AMQP receivers wake up.
+    events: tokio::sync::watch::Sender<u64>,
+    /// Open AMQP connections and receivers of the Event Hub-compatible endpoint.
+    pub amqp: crate::amqp::Registry,
 }
 
 /// Generates `n` random bytes as base64 (device and policy keys).
@@ -591,6 +599,8 @@ impl Hub {
             hostname,
             policies,
             state: Mutex::new(State::default()),
+            events: tokio::sync::watch::Sender::new(0),
+            amqp: crate::amqp::Registry::default(),
         }
     }
 
@@ -889,7 +899,13 @@ impl Hub {
         if !st.devices.contains_key(id) {
             return Err(ApiError::device_not_found(id));
         }
-        let ts = st.next_ts();
+        let (ticks, ts) = st.candidate_ts();
+        st.commit_ts(ticks);
+        let generation_id = st
+            .devices
+            .get(id)
+            .map(|d| d.generation_id.clone())
+            .unwrap_or_default();
         let partition = partition_of(id);
         let sequence_number = st.next_seq[partition];
         st.next_seq[partition] += 1;
@@ -904,11 +920,67 @@ impl Hub {
             sequence_number,
             offset,
             enqueued_time: ts,
+            enqueued_ms: i64::try_from(ticks / 10_000).unwrap_or(i64::MAX),
+            generation_id,
             body,
             properties,
             system_properties,
         });
+        drop(st);
+        self.events.send_modify(|n| *n = n.wrapping_add(1));
         Ok(())
+    }
+
+    /// A receiver that changes whenever a D2C message is stored.
+    pub fn subscribe_events(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.events.subscribe()
+    }
+
+    /// The sequence number the next message on `partition` will get.
+    pub fn partition_end(&self, partition: usize) -> u64 {
+        self.lock().next_seq.get(partition).copied().unwrap_or(0)
+    }
+
+    /// Up to `limit` stored messages of `partition` with a sequence number of at least
+    /// `from_seq` that `admit` accepts, in order.
+    pub fn partition_messages(
+        &self,
+        partition: usize,
+        from_seq: u64,
+        limit: usize,
+        admit: impl Fn(&StoredMessage) -> bool,
+    ) -> Vec<StoredMessage> {
+        self.lock()
+            .messages
+            .iter()
+            .filter(|m| m.partition == partition && m.sequence_number >= from_seq && admit(m))
+            .take(limit)
+            .cloned()
+            .collect()
+    }
+
+    /// Counts one AMQP delivery against the installed `amqpDrop` rules with
+    /// `afterDeliveries`; true when one of them fires now (the caller drops the connections).
+    pub fn amqp_delivery_tick(&self) -> bool {
+        let mut st = self.lock();
+        let mut fired = false;
+        for r in st.faults.iter_mut() {
+            if let FaultAction::AmqpDrop {
+                after_deliveries: Some(n),
+            } = r.action
+                && r.applied == 0
+            {
+                r.matched += 1;
+                if r.matched >= n {
+                    r.applied = 1;
+                    fired = true;
+                }
+            }
+        }
+        if fired {
+            st.faults_injected += 1;
+        }
+        fired
     }
 
     /// Counts a request against the fault rules; returns the action to take, if any.

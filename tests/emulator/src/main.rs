@@ -36,7 +36,8 @@ enum Command {
         /// Base64 key of the service policy (default: 32 random bytes).
         #[arg(long)]
         service_key: Option<String>,
-        /// Serve HTTPS with a generated CA (written as ca.pem into --cert-dir).
+        /// Serve HTTPS with the generated CA (always written as ca.pem into --cert-dir; the
+        /// AMQP endpoint always uses it).
         #[arg(long)]
         tls: bool,
         /// Where to write ca.pem (default: a new temporary directory).
@@ -45,6 +46,10 @@ enum Command {
         /// Log every request to stderr.
         #[arg(long)]
         verbose: bool,
+        /// Event Hub-compatible name (default: the hub name, i.e. the hostname up to the
+        /// first '.' or ':').
+        #[arg(long)]
+        eventhub_name: Option<String>,
     },
     /// Act as a device, authenticated by its connection string.
     Device {
@@ -156,6 +161,7 @@ async fn main() -> ExitCode {
             tls,
             cert_dir,
             verbose,
+            eventhub_name,
         } => serve(ServeOptions {
             listen,
             hostname,
@@ -164,6 +170,7 @@ async fn main() -> ExitCode {
             tls,
             cert_dir,
             verbose,
+            eventhub_name,
         })
         .await
         .map(|_| true),

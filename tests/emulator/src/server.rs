@@ -76,6 +76,8 @@ pub struct ServeOptions {
     pub cert_dir: Option<PathBuf>,
     /// `--verbose`: log every request to stderr.
     pub verbose: bool,
+    /// `--eventhub-name`; defaults to the hub name (hostname up to the first `.` or `:`).
+    pub eventhub_name: Option<String>,
 }
 
 /// The one JSON line printed on stdout when the emulator is ready.
@@ -90,13 +92,24 @@ pub struct Ready {
     pub owner_key: String,
     /// The service key.
     pub service_key: String,
-    /// Path of `ca.pem` with `--tls`, else null.
+    /// Path of `ca.pem`: the CA of HTTPS (with `--tls`) and, always, of the AMQP endpoint.
     pub ca_file: Option<String>,
+    /// `amqps://<ip>:<port>` of the Event Hub-compatible endpoint.
+    pub amqp_endpoint: String,
+    /// The Event Hub-compatible name (entity path).
+    pub event_hub_name: String,
+    /// `Endpoint=sb://<ip>:<port>/;SharedAccessKeyName=iothubowner;SharedAccessKey=..;EntityPath=..`
+    pub event_hub_connection_string: String,
+    /// Number of D2C partitions.
+    pub partitions: usize,
 }
 
 /// A bound, not yet running emulator.
 pub struct Emulator {
     listener: TcpListener,
+    amqp_listener: TcpListener,
+    amqp_acceptor: TlsAcceptor,
+    amqp_config: Arc<crate::amqp::EndpointConfig>,
     hub: Arc<Hub>,
     acceptor: Option<TlsAcceptor>,
     verbose: bool,
@@ -166,42 +179,76 @@ impl Emulator {
                 device_connect: false,
             },
         ];
-        let (acceptor, ca_file, temp_cert_dir) = if opts.tls {
-            let material = tls::generate(&hostname)?;
-            let (dir, temp) = match &opts.cert_dir {
-                Some(d) => (d.clone(), None),
-                None => {
-                    let d = std::env::temp_dir().join(format!(
-                        "azure-iot-hub-emulator-{}-{:016x}",
-                        std::process::id(),
-                        rand::random::<u64>()
-                    ));
-                    (d.clone(), Some(d))
-                }
-            };
-            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-            let ca = dir.join("ca.pem");
-            std::fs::write(&ca, &material.ca_pem)
-                .with_context(|| format!("writing {}", ca.display()))?;
-            let ca = std::fs::canonicalize(&ca).unwrap_or(ca);
-            (
-                Some(TlsAcceptor::from(material.server_config)),
-                Some(ca.display().to_string()),
-                temp,
-            )
-        } else {
-            (None, None, None)
+        // The CA is always generated: the AMQP endpoint is TLS-only, like Azure's port 5671.
+        let material = tls::generate(&hostname)?;
+        let (dir, temp_cert_dir) = match &opts.cert_dir {
+            Some(d) => (d.clone(), None),
+            None => {
+                let d = std::env::temp_dir().join(format!(
+                    "azure-iot-hub-emulator-{}-{:016x}",
+                    std::process::id(),
+                    rand::random::<u64>()
+                ));
+                (d.clone(), Some(d))
+            }
         };
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let ca = dir.join("ca.pem");
+        std::fs::write(&ca, &material.ca_pem)
+            .with_context(|| format!("writing {}", ca.display()))?;
+        let ca = std::fs::canonicalize(&ca).unwrap_or(ca);
+        let acceptor = opts
+            .tls
+            .then(|| TlsAcceptor::from(material.server_config.clone()));
+        let amqp_listener = TcpListener::bind(SocketAddr::new(addr.ip(), 0))
+            .await
+            .with_context(|| format!("binding the AMQP listener on {}", addr.ip()))?;
+        let amqp_bound = amqp_listener.local_addr()?;
+        let hub_name = crate::eventhub::hub_name(&hostname);
+        let entity = match &opts.eventhub_name {
+            Some(n) if n.is_empty() || n.contains('/') => {
+                bail!("--eventhub-name '{n}' must be a non-empty name without '/'")
+            }
+            Some(n) => n.clone(),
+            // An IPv6 literal hostname has no usable hub name.
+            None if hub_name.is_empty() => "iothub".to_string(),
+            None => hub_name.clone(),
+        };
+        let amqp_config = Arc::new(crate::amqp::EndpointConfig {
+            auth: crate::eventhub::EhAuth {
+                namespace: amqp_bound.to_string(),
+                entity: entity.clone(),
+                policies: policies
+                    .iter()
+                    .filter(|p| p.service_connect)
+                    .map(|p| crate::eventhub::EhPolicy {
+                        name: p.name.clone(),
+                        key_text: p.key_b64.clone(),
+                    })
+                    .collect(),
+            },
+            hub_name,
+            verbose: opts.verbose,
+        });
         let scheme = if opts.tls { "https" } else { "http" };
         let ready = Ready {
             endpoint: format!("{scheme}://{bound}"),
             hostname: hostname.clone(),
+            event_hub_connection_string: format!(
+                "Endpoint=sb://{amqp_bound}/;SharedAccessKeyName=iothubowner;SharedAccessKey={owner_key};EntityPath={entity}"
+            ),
             owner_key,
             service_key,
-            ca_file,
+            ca_file: Some(ca.display().to_string()),
+            amqp_endpoint: format!("amqps://{amqp_bound}"),
+            event_hub_name: entity,
+            partitions: crate::hub::PARTITIONS,
         };
         Ok(Self {
             listener,
+            amqp_listener,
+            amqp_acceptor: TlsAcceptor::from(material.amqp_server_config),
+            amqp_config,
             hub: Arc::new(Hub::new(hostname, policies)),
             acceptor,
             verbose: opts.verbose,
@@ -218,6 +265,12 @@ impl Emulator {
     /// Serves until `shutdown` completes.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
+        let amqp = tokio::spawn(crate::amqp::serve(
+            self.amqp_listener,
+            self.amqp_acceptor,
+            self.hub.clone(),
+            self.amqp_config,
+        ));
         loop {
             tokio::select! {
                 _ = &mut shutdown => break,
@@ -248,6 +301,7 @@ impl Emulator {
                 },
             }
         }
+        amqp.abort();
         if let Some(d) = &self.temp_cert_dir {
             let _ = std::fs::remove_dir_all(d);
         }
@@ -698,6 +752,18 @@ async fn process(hub: &Hub, route: Route, req: Request<Incoming>) -> Result<Resp
                 }
             }
             sys.insert("connectionDeviceId".into(), id.clone());
+            // Which credential sent it (`iothub-connection-auth-method` on the AMQP side):
+            // a policy token (skn) acts at hub scope, a device token at device scope.
+            let scope = match auth.and_then(|a| sas::parse_token(a).ok()) {
+                Some(t) if t.skn.is_some() => "hub",
+                _ => "device",
+            };
+            sys.insert(
+                "connectionAuthMethod".into(),
+                format!(
+                    r#"{{"scope":"{scope}","type":"sas","issuer":"iothub","acceptingIpFilterRule":null}}"#
+                ),
+            );
             hub.send_event(&id, body.to_vec(), props, sys)?;
             Ok(response(204, None, &[]))
         }
@@ -797,7 +863,38 @@ async fn admin(hub: &Hub, req: Request<Incoming>) -> Result<Resp, ApiError> {
         }
         ("POST", ["faults"]) => {
             let specs = crate::faults::parse_specs(&body).map_err(ApiError::invalid)?;
+            let before = hub.lock().faults.len();
             let rules = hub.install_faults(specs)?;
+            // AMQP faults without a trigger fire as soon as they are installed.
+            let (mut drop_now, mut expire_now) = (false, false);
+            {
+                let mut st = hub.lock();
+                let mut fired = 0;
+                for r in st.faults.iter_mut().skip(before) {
+                    match r.action {
+                        FaultAction::AmqpDrop {
+                            after_deliveries: None,
+                        } => drop_now = true,
+                        FaultAction::AmqpExpireTokens => expire_now = true,
+                        _ => continue,
+                    }
+                    r.matched = 1;
+                    r.applied = 1;
+                    fired += 1;
+                }
+                st.faults_injected += fired;
+            }
+            if expire_now {
+                hub.amqp.expire_all();
+            }
+            if drop_now {
+                hub.amqp.drop_all();
+            }
+            let rules = if drop_now || expire_now {
+                hub.lock().faults.clone()
+            } else {
+                rules
+            };
             Ok(json_response(200, &json!({"rules": rules}), &[]))
         }
         ("DELETE", ["faults"]) => {
@@ -813,6 +910,7 @@ async fn admin(hub: &Hub, req: Request<Incoming>) -> Result<Resp, ApiError> {
                 &[],
             ))
         }
+        ("GET", ["amqp"]) => Ok(json_response(200, &hub.amqp.to_json(), &[])),
         ("DELETE", ["stats"]) => {
             let mut st = hub.lock();
             st.stats.clear();

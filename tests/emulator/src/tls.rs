@@ -21,8 +21,11 @@ use tokio_rustls::rustls::{self, ClientConfig, RootCertStore, ServerConfig};
 pub struct TlsMaterial {
     /// The CA certificate, PEM; what clients must trust.
     pub ca_pem: String,
-    /// The rustls server configuration (ring provider).
+    /// The rustls server configuration (ring provider) for HTTPS (ALPN `http/1.1`).
     pub server_config: Arc<ServerConfig>,
+    /// The same certificate without ALPN, for the AMQP endpoint (Event Hubs clients send no
+    /// ALPN or their own; rustls would refuse a handshake whose ALPN does not match).
+    pub amqp_server_config: Arc<ServerConfig>,
 }
 
 /// The host part of a `host[:port]` hub hostname (IPv6 brackets removed).
@@ -81,6 +84,10 @@ pub fn generate(hostname: &str) -> Result<TlsMaterial> {
 
     let chain = vec![cert.der().clone(), ca_cert.der().clone()];
     let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+    let amqp_config = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(chain.clone(), key_der.clone_key())?;
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
@@ -89,6 +96,7 @@ pub fn generate(hostname: &str) -> Result<TlsMaterial> {
     Ok(TlsMaterial {
         ca_pem: ca_cert.pem(),
         server_config: Arc::new(config),
+        amqp_server_config: Arc::new(amqp_config),
     })
 }
 
