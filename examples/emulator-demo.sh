@@ -79,15 +79,16 @@ endpoint="$(field "$work/emulator.json" endpoint)"
 hostname="$(field "$work/emulator.json" hostname)"
 owner_key="$(field "$work/emulator.json" ownerKey)"
 ca_file="$(field "$work/emulator.json" caFile)"
+eh_cs="$(field "$work/emulator.json" eventHubConnectionString)"
+eh_name="$(field "$work/emulator.json" eventHubName)"
 
 # 2. The host's config, from the template; the root app gets a fresh secret.
 secret="$(openssl rand -hex 24)"
 sed -e "s|@APP_SECRET@|$secret|g" -e "s|@HOSTNAME@|$hostname|g" \
     -e "s|@OWNER_KEY@|$owner_key|g" -e "s|@ENDPOINT@|$endpoint|g" \
+    -e "s|@EH_CONNECTION_STRING@|$eh_cs|g" -e "s|@EH_NAME@|$eh_name|g" \
+    -e "s|@CA_FILE@|$ca_file|g" \
     examples/emulator.toml >"$work/para.toml"
-if [[ -n "$ca_file" ]]; then
-    printf 'para.host.tls_ca_file = "%s"\n' "$ca_file" >>"$work/para.toml"
-fi
 
 # 3. The host (cargo run -p para-host -- serve, minus the rebuild check).
 "$bin/para-host" serve --config "$work/para.toml" --listen "127.0.0.1:$port" \

@@ -739,9 +739,14 @@ fn the_example_configs_work_as_documented() {
         .lines()
         .filter(|l| !l.starts_with("para.app_secret_key"))
         .map(|l| {
+            let ready = &emu.process.ready;
+            let text = |k: &str| ready[k].as_str().unwrap_or_default().to_string();
             l.replace("@HOSTNAME@", &emu.hostname)
                 .replace("@OWNER_KEY@", &emu.owner_key)
                 .replace("@ENDPOINT@", &emu.endpoint)
+                .replace("@EH_CONNECTION_STRING@", &text("eventHubConnectionString"))
+                .replace("@EH_NAME@", &text("eventHubName"))
+                .replace("@CA_FILE@", &text("caFile"))
                 + "\n"
         })
         .collect();
@@ -754,6 +759,12 @@ fn the_example_configs_work_as_documented() {
     let host = Host::start(&temp_dir("az-example-emu"), &config);
     let created = create(&host, "FromTemplate");
     assert!(emu.device(&device_of(&created)).is_some());
+    // Telemetry reaches deviceState through the template's Event Hub lines.
+    let cs = created["deviceDetails"]["connectionString"].as_str().unwrap_or_default().to_string();
+    let out = emu.device_cmd(&cs, &["send", r#"{"temp":5}"#]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let id = id_of(&created);
+    host.eventually(SYNC, || (state_of(&host, &id) == json!({"temp": 5})).then_some(()));
     drop(host);
 
     // examples/azure.toml starts a host as it is; with its placeholder key a
