@@ -65,6 +65,16 @@ pub enum AppCommand {
     },
     /// List apps (ids and status; never secrets).
     List,
+    /// Deactivate an app: its requests get 403 until it is enabled again.
+    Disable {
+        /// The app name or `app:<name>`.
+        name: String,
+    },
+    /// Reactivate an app.
+    Enable {
+        /// The app name or `app:<name>`.
+        name: String,
+    },
 }
 
 /// `broker` subcommands.
@@ -75,6 +85,17 @@ pub enum BrokerCommand {
         /// The component file (`.wasm`, built for wasm32-wasip2).
         component: PathBuf,
     },
+}
+
+fn set_active(store: &SqliteStore, name: &str, active: bool) -> anyhow::Result<()> {
+    let id = crate::auth::normalize_app_id(name);
+    let mut app = store
+        .app_get(&id)?
+        .ok_or_else(|| anyhow::anyhow!("no app {id}; `para-host app list` shows them"))?;
+    app.active = active;
+    store.app_put(&app)?;
+    println!("{id}\t{}", if active { "active" } else { "inactive" });
+    Ok(())
 }
 
 /// Runs the parsed command.
@@ -111,6 +132,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     );
                     eprintln!("Save the secret key now: it is not shown again.");
                 }
+                AppCommand::Disable { name } => set_active(&store, &name, false)?,
+                AppCommand::Enable { name } => set_active(&store, &name, true)?,
                 AppCommand::List => {
                     for app in store.app_list()? {
                         println!(

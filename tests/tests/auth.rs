@@ -181,6 +181,30 @@ fn botocore_signed_requests_succeed_and_tampering_is_rejected() {
     // An unknown app.
     let h = botocore_sign(&host, "GET", &path, "", "app:nobody", &secret, 0);
     expect(send(&host, "GET", &path, &h, ""), 404, "App not found.");
+    // An inactive app, then active again.
+    let toggle = |cmd: &str| {
+        let out = Command::new(workspace_bin("para-host"))
+            .args(["app", "--db"])
+            .arg(dir.join("para.db"))
+            .args([cmd, "shop"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    toggle("disable");
+    let h = botocore_sign(&host, "GET", &path, "", &key, &secret, 0);
+    expect(
+        send(&host, "GET", &path, &h, ""),
+        403,
+        "App not active. [app:shop]",
+    );
+    toggle("enable");
+    let h = botocore_sign(&host, "GET", &path, "", &key, &secret, 0);
+    assert_eq!(send(&host, "GET", &path, &h, "").status, 200);
 }
 
 #[test]

@@ -760,11 +760,20 @@ fn the_example_configs_work_as_documented() {
     let created = create(&host, "FromTemplate");
     assert!(emu.device(&device_of(&created)).is_some());
     // Telemetry reaches deviceState through the template's Event Hub lines.
-    let cs = created["deviceDetails"]["connectionString"].as_str().unwrap_or_default().to_string();
+    let cs = created["deviceDetails"]["connectionString"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     let out = emu.device_cmd(&cs, &["send", r#"{"temp":5}"#]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let id = id_of(&created);
-    host.eventually(SYNC, || (state_of(&host, &id) == json!({"temp": 5})).then_some(()));
+    host.eventually(SYNC, || {
+        (state_of(&host, &id) == json!({"temp": 5})).then_some(())
+    });
     drop(host);
 
     // examples/azure.toml starts a host as it is; with its placeholder key a
