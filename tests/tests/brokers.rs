@@ -1,7 +1,7 @@
 //! The broker runtime, through the real host: swapping components, the
 //! poll timer and its crash safety, contract checks, limits and egress.
 
-use para_tests::{Host, Process, broker_config, fixture, temp_dir, workspace_bin};
+use para_tests::{Host, broker_config, fixture, temp_dir, workspace_bin};
 use serde_json::{Value, json};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -238,21 +238,31 @@ fn hostile_components_are_stopped_and_the_host_keeps_serving() {
     assert_eq!(host.call("GET", "/v1/things", None).json()["totalHits"], 5);
 }
 
+/// Starts a host whose broker `H` is the hostile fixture, with extra config
+/// lines, and returns the error message of creating a thing named `name`.
+fn hostile_failure(tag: &str, extra: &str, name: &str) -> String {
+    let dir = temp_dir(tag);
+    let host = Host::start(
+        &dir,
+        &broker_config("H", &fixture("hostile"), &format!("{LIMITS}\n{extra}")),
+    );
+    let res = post(&host, name, "H");
+    assert_eq!(res.status, 502, "{}", String::from_utf8_lossy(&res.body));
+    res.json()["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
 #[test]
 fn egress_reaches_only_allowed_hosts() {
     // With 127.0.0.1:9 allowed, that call gets past the allowlist (and then
     // fails to connect), while example.com is still denied.
-    let dir = temp_dir("egress-allow");
-    let cfg = broker_config(
-        "H",
-        &fixture("hostile"),
-        &format!("{LIMITS}\npara.brokers.H.allowed_hosts = [\"http://127.0.0.1:9\"]"),
+    let msg = hostile_failure(
+        "egress-allow",
+        "para.brokers.H.allowed_hosts = [\"http://127.0.0.1:9\"]",
+        "egress",
     );
-    let host = Host::start(&dir, &cfg);
-    let msg = post(&host, "egress", "H").json()["message"]
-        .as_str()
-        .unwrap()
-        .to_string();
     assert_eq!(msg.matches("HttpRequestDenied").count(), 1, "{msg}");
     assert!(
         msg.contains("127.0.0.1:9: refused: ErrorCode::ConnectionRefused"),
@@ -267,7 +277,6 @@ fn egress_reaches_only_allowed_hosts() {
     );
     let err = Host::try_start(&dir, &cfg).err().expect("must not start");
     assert!(err.contains("exited"), "{err}");
-    let _unused: Option<Process> = None;
 }
 
 #[test]
@@ -275,34 +284,15 @@ fn raw_sockets_reach_only_the_endpoints_config_names() {
     let allowed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let denied = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let (a, d) = (allowed.local_addr().unwrap(), denied.local_addr().unwrap());
-    let dir = temp_dir("sockets");
-    let cfg = broker_config(
-        "H",
-        &fixture("hostile"),
-        &format!(
-            "{LIMITS}\npara.h.socket_allowed = \"{a}\"\npara.h.socket_denied = \"{d}\"\npara.brokers.H.allowed_sockets = [\"{{socket_allowed}}\"]"
-        ),
-    );
-    let host = Host::start(&dir, &cfg);
-    let res = post(&host, "socket", "H");
-    assert_eq!(res.status, 502);
-    let msg = res.json()["message"].as_str().unwrap().to_string();
+    let keys = format!("para.h.socket_allowed = \"{a}\"\npara.h.socket_denied = \"{d}\"");
+    let granted = format!("{keys}\npara.brokers.H.allowed_sockets = [\"{{socket_allowed}}\"]");
+    let msg = hostile_failure("sockets", &granted, "socket");
     assert!(msg.contains("socket_allowed: connected"), "{msg}");
     assert!(
         msg.contains("socket_denied: refused (PermissionDenied)"),
         "{msg}"
     );
     // Without a grant, no socket at all.
-    let dir = temp_dir("sockets-none");
-    let cfg = broker_config(
-        "H",
-        &fixture("hostile"),
-        &format!("{LIMITS}\npara.h.socket_allowed = \"{a}\""),
-    );
-    let host = Host::start(&dir, &cfg);
-    let msg = post(&host, "socket", "H").json()["message"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let msg = hostile_failure("sockets-none", &keys, "socket");
     assert!(msg.contains("socket_allowed: refused"), "{msg}");
 }
