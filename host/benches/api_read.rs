@@ -112,7 +112,7 @@ fn main() -> anyhow::Result<()> {
         extra: Default::default(),
     };
     store.insert(&thing, Lifecycle::Active)?;
-    let engine = new_engine()?;
+    let engine = new_engine(None)?;
     let mut no_brokers = config.clone();
     no_brokers.brokers.clear();
     let registry = Arc::new(BrokerRegistry::load(&engine, &no_brokers, store.clone())?);

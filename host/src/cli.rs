@@ -149,7 +149,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Broker {
             command: BrokerCommand::Check { component },
         } => {
-            let engine = new_engine()?;
+            let engine = new_engine(None)?;
             let (_, _, report) = inspect(&engine, "check", &component)?;
             println!(
                 "ok: {} implements {} (contract version {})",

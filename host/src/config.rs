@@ -106,6 +106,12 @@ pub struct Limits {
     pub cpu_budget: Duration,
     /// `para.host.memory_limit_mb`: linear-memory cap per store.
     pub memory_bytes: usize,
+    /// `para.host.max_concurrent_calls`: broker stores live at once; more
+    /// calls wait for a slot (within their timeout).
+    pub max_concurrent: u32,
+    /// `para.host.pooling`: reuse instance memory through wasmtime's
+    /// pooling allocator (default true).
+    pub pooling: bool,
 }
 
 /// One entry of the broker table: `para.brokers.<Name>.*`.
@@ -194,6 +200,8 @@ impl Config {
                 memory_bytes: parse_or::<usize>(&raw, "para.host.memory_limit_mb", Some(64))?
                     * 1024
                     * 1024,
+                max_concurrent: parse_or(&raw, "para.host.max_concurrent_calls", Some(128))?,
+                pooling: parse_or(&raw, "para.host.pooling", Some(true))?,
             },
             tls_ca_file: get("para.host.tls_ca_file").map(PathBuf::from),
             janitor_after: ms(parse_or(&raw, "para.host.janitor_after_ms", Some(0))?),

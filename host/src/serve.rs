@@ -6,7 +6,7 @@ use crate::apps::AppKeys;
 use crate::config::Config;
 use crate::model::IdGenerator;
 use crate::poller::{self, PollSettings};
-use crate::runtime::engine::new_engine;
+use crate::runtime::engine::{Pooling, new_engine};
 use crate::runtime::registry::BrokerRegistry;
 use crate::store::Store;
 use crate::store::sqlite::SqliteStore;
@@ -34,7 +34,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             root.access_key, root.secret_key
         );
     }
-    let engine = new_engine()?;
+    let engine = new_engine(Pooling::from_limits(&config.limits))?;
     let registry = Arc::new(BrokerRegistry::load(&engine, &config, store.clone())?);
     if !config.iot_enabled {
         tracing::warn!(

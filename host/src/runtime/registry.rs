@@ -22,6 +22,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use wasmtime::component::types::ComponentItem;
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Engine, Store};
@@ -156,6 +157,10 @@ pub struct LoadedBroker {
     sockets: SocketGrants,
     tls: TlsRoots,
     limits: Limits,
+    /// Live-store slots shared by every broker: at most
+    /// `para.host.max_concurrent_calls` stores exist at once (the size of
+    /// the instance pool); further calls wait for a slot.
+    slots: Arc<Semaphore>,
 }
 
 /// Every configured broker, by name.
@@ -276,9 +281,17 @@ impl BrokerRegistry {
             broker: "*".into(),
             message: format!("{e:#}"),
         })?;
+        let slots = Arc::new(Semaphore::new(config.limits.max_concurrent.max(1) as usize));
         let mut brokers = BTreeMap::new();
         for (name, bc) in &config.brokers {
-            let loaded = LoadedBroker::load(engine, bc, config, store.clone(), tls.clone())?;
+            let loaded = LoadedBroker::load(
+                engine,
+                bc,
+                config,
+                store.clone(),
+                tls.clone(),
+                slots.clone(),
+            )?;
             tracing::info!(broker = %name, version = %loaded.version, component = %bc.component.display(), "broker loaded");
             brokers.insert(name.clone(), Arc::new(loaded));
         }
@@ -336,6 +349,7 @@ impl LoadedBroker {
         config: &Config,
         store: Arc<dyn HostStore>,
         tls: TlsRoots,
+        slots: Arc<Semaphore>,
     ) -> Result<Self, LoadError> {
         let (_component, pre, report) = inspect(engine, &bc.name, &bc.component)?;
         let mut keys = config.broker_keys(&bc.namespace);
@@ -362,6 +376,7 @@ impl LoadedBroker {
             sockets,
             tls,
             limits: config.limits,
+            slots,
         })
     }
 
@@ -393,6 +408,16 @@ impl LoadedBroker {
         store
     }
 
+    /// Waits for a free store slot (the wait counts against the call's
+    /// timeout).
+    async fn slot(&self) -> wasmtime::Result<OwnedSemaphorePermit> {
+        self.slots
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| wasmtime::Error::msg("the host is shutting down"))
+    }
+
     fn classify(&self, err: wasmtime::Error) -> CallError {
         let broker = self.name().to_string();
         if let Some(cpu) = err.downcast_ref::<CpuBudgetExceeded>() {
@@ -414,6 +439,7 @@ impl LoadedBroker {
 
     async fn run(&self, op: Op) -> Result<Answer, CallError> {
         let work = async {
+            let _slot = self.slot().await?;
             let mut store = self.new_store();
             let guest = self.pre.instantiate_async(&mut store).await?;
             let api = guest.para_broker_thing_broker();
@@ -487,7 +513,7 @@ impl LoadedBroker {
 /// rebuilt from the `InstancePre` after any trap or timeout.
 pub struct PollInstance {
     broker: Arc<LoadedBroker>,
-    live: Option<(Store<BrokerState>, BrokerGuest)>,
+    live: Option<(Store<BrokerState>, BrokerGuest, OwnedSemaphorePermit)>,
 }
 
 impl PollInstance {
@@ -497,11 +523,12 @@ impl PollInstance {
         let live = &mut self.live;
         let work = async {
             if live.is_none() {
+                let slot = broker.slot().await?;
                 let mut store = broker.new_store();
                 let guest = broker.pre.instantiate_async(&mut store).await?;
-                *live = Some((store, guest));
+                *live = Some((store, guest, slot));
             }
-            let Some((store, guest)) = live.as_mut() else {
+            let Some((store, guest, _)) = live.as_mut() else {
                 unreachable!("instance was just created");
             };
             store.data_mut().cpu.reset();
