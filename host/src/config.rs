@@ -51,7 +51,10 @@ pub enum ConfigError {
 }
 
 /// Everything the host needs to start, resolved from the raw key map.
-#[derive(Debug, Clone)]
+///
+/// `Debug` leaves out every raw value and the root secret: config holds
+/// access keys, and a stray `{config:?}` must not put them in a log.
+#[derive(Clone)]
 pub struct Config {
     /// `para.iot_enabled`: IoT features are off unless this is true.
     pub iot_enabled: bool,
@@ -95,6 +98,20 @@ pub struct Config {
     pub brokers: BTreeMap<String, BrokerConfig>,
     /// Every raw key, for brokers' `wasi:config/store`.
     raw: BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("iot_enabled", &self.iot_enabled)
+            .field("app_name", &self.app_name)
+            .field("listen", &self.listen)
+            .field("db_path", &self.db_path)
+            .field("limits", &self.limits)
+            .field("brokers", &self.brokers.keys().collect::<Vec<_>>())
+            .field("keys", &self.raw.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
 }
 
 /// Limits applied to every broker call.
@@ -423,6 +440,22 @@ para.brokers.Azure.allowed_hosts = ["https://{iot_hostname}"]
         assert_eq!(
             c.brokers["Azure"].allowed_hosts,
             vec!["https://{iot_hostname}"]
+        );
+    }
+
+    #[test]
+    fn debug_output_holds_no_secret_values() {
+        let mut raw = BTreeMap::new();
+        raw.insert(
+            "para.azure.iot_access_key".to_string(),
+            "SECRET-KEY".to_string(),
+        );
+        raw.insert("para.app_secret_key".to_string(), "ROOT-SECRET".to_string());
+        let shown = format!("{:?}", Config::from_raw(raw, Vec::new()).unwrap());
+        assert!(shown.contains("para.azure.iot_access_key"));
+        assert!(
+            !shown.contains("SECRET-KEY") && !shown.contains("ROOT-SECRET"),
+            "{shown}"
         );
     }
 

@@ -172,8 +172,23 @@ pub struct Process {
 
 impl Process {
     /// Spawns `cmd` and waits (up to 120 s) for its JSON ready line.
-    pub fn spawn(mut cmd: Command) -> Result<Process, String> {
-        cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
+    pub fn spawn(cmd: Command) -> Result<Process, String> {
+        Self::spawn_logged(cmd, None)
+    }
+
+    /// Like [`Process::spawn`], with stderr written to `log` if given.
+    pub fn spawn_logged(mut cmd: Command, log: Option<&Path>) -> Result<Process, String> {
+        cmd.stdout(Stdio::piped());
+        match log {
+            Some(path) => {
+                let file =
+                    std::fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()))?;
+                cmd.stderr(file);
+            }
+            None => {
+                cmd.stderr(Stdio::inherit());
+            }
+        }
         let mut child = cmd.spawn().map_err(|e| format!("spawn failed: {e}"))?;
         let stdout = child.stdout.take().ok_or("no stdout")?;
         let (tx, rx) = std::sync::mpsc::channel();
@@ -261,6 +276,8 @@ pub struct Host {
     pub process: Process,
     /// `http://127.0.0.1:PORT`.
     pub base: String,
+    /// The host's stderr (its log), kept for assertions and failures.
+    pub log: PathBuf,
 }
 
 impl Host {
@@ -289,12 +306,18 @@ impl Host {
                 cmd.env_remove(k);
             }
         }
-        let process = Process::spawn(cmd)?;
+        let log = dir.join("host.log");
+        let process = Process::spawn_logged(cmd, Some(&log)).map_err(|e| {
+            format!(
+                "{e}; its log:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            )
+        })?;
         let base = process.ready["listening"]
             .as_str()
             .ok_or("ready line has no 'listening'")?
             .to_string();
-        Ok(Host { process, base })
+        Ok(Host { process, base, log })
     }
 
     /// Sends a request with an optional JSON body.
@@ -317,6 +340,11 @@ impl Host {
             body,
         )
         .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+    }
+
+    /// Everything the host has logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// The root app's `Authorization` header value (a Bearer JWT).

@@ -900,3 +900,43 @@ fn a_create_whose_put_the_hub_applies_late_leaves_no_orphan() {
     assert!(thing_ids(&host).is_empty());
     eprintln!("late PUT created a device that was later removed: {seen}");
 }
+
+#[test]
+fn no_secret_reaches_the_host_log() {
+    let emu = Emulator::start(&[]);
+    let host = start_host(&emu, "az-logs", "");
+    let created = create(&host, "Quiet");
+    let id = id_of(&created);
+    let details = &created["deviceDetails"];
+    let cs = details["connectionString"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    emu.report(&cs, &json!({"temp": 1}));
+    host.eventually(SYNC, || {
+        (state_of(&host, &id) == json!({"temp": 1})).then_some(())
+    });
+    let res = host.call(
+        "PATCH",
+        &format!("/v1/things/{id}"),
+        Some(&json!({"deviceState": {"temp": 2}})),
+    );
+    assert_eq!(res.status, 200);
+    assert_eq!(
+        host.call("DELETE", &format!("/v1/things/{id}"), None)
+            .status,
+        200
+    );
+    let log = host.log_text();
+    assert!(log.contains("thing created"), "the log is captured: {log}");
+    for secret in [
+        details["primaryKey"].as_str().unwrap_or("missing"),
+        details["secondaryKey"].as_str().unwrap_or("missing"),
+        emu.owner_key.as_str(),
+        para_tests::ROOT_SECRET,
+        "SharedAccessKey=",
+        "SharedAccessSignature",
+    ] {
+        assert!(!log.contains(secret), "{secret} appears in the host log");
+    }
+}
