@@ -18,6 +18,7 @@ fn main() {
     for watched in [
         "../plugin/src",
         "../plugin/Cargo.toml",
+        "../Cargo.toml",
         "../wit",
         "../build-support",
     ] {

@@ -16,7 +16,7 @@ fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap_or_else(|_| ".".into()));
     // Relative paths (to this package), so a build in another checkout
     // sharing the target directory watches its own sources.
-    for watched in ["fixtures", "../wit", "../build-support"] {
+    for watched in ["fixtures", "../Cargo.toml", "../wit", "../build-support"] {
         println!("cargo:rerun-if-changed={watched}");
     }
     let dir = components::build_components(&root, &out, FIXTURES);
