@@ -330,16 +330,22 @@ fn wit_thing(t: &Thing) -> WitThing {
     }
 }
 
-enum Op {
-    Create(WitThing),
-    Update(WitThing),
-    Delete(WitThing),
-}
-
-enum Answer {
-    Created(Created),
-    Updated(String),
-    Deleted,
+/// Runs one export call in a fresh store: waits for a slot, instantiates,
+/// calls, and maps traps, limits and the timeout to a [`CallError`].
+macro_rules! call_fresh {
+    ($broker:expr, $method:ident, $arg:expr) => {{
+        let broker = $broker;
+        let work = async {
+            let _slot = broker.slot().await?;
+            let mut store = broker.new_store();
+            let guest = broker.pre.instantiate_async(&mut store).await?;
+            guest
+                .para_broker_thing_broker()
+                .$method(&mut store, $arg)
+                .await
+        };
+        broker.finish(tokio::time::timeout(broker.limits.call_timeout, work).await)
+    }};
 }
 
 impl LoadedBroker {
@@ -437,25 +443,6 @@ impl LoadedBroker {
         CallError::Trap { broker, message }
     }
 
-    async fn run(&self, op: Op) -> Result<Answer, CallError> {
-        let work = async {
-            let _slot = self.slot().await?;
-            let mut store = self.new_store();
-            let guest = self.pre.instantiate_async(&mut store).await?;
-            let api = guest.para_broker_thing_broker();
-            let answer = match op {
-                Op::Create(t) => api.call_create(&mut store, &t).await?.map(Answer::Created),
-                Op::Update(t) => api.call_update(&mut store, &t).await?.map(Answer::Updated),
-                Op::Delete(t) => api
-                    .call_delete(&mut store, &t)
-                    .await?
-                    .map(|()| Answer::Deleted),
-            };
-            wasmtime::Result::Ok(answer)
-        };
-        self.finish(tokio::time::timeout(self.limits.call_timeout, work).await)
-    }
-
     /// Turns a timed, trapping, fallible call into one [`CallError`].
     fn finish<T>(
         &self,
@@ -477,26 +464,17 @@ impl LoadedBroker {
 
     /// Provisions the device for a new thing.
     pub async fn create(&self, thing: &Thing) -> Result<Created, CallError> {
-        match self.run(Op::Create(wit_thing(thing))).await? {
-            Answer::Created(c) => Ok(c),
-            _ => unreachable!("create answers Created"),
-        }
+        call_fresh!(self, call_create, &wit_thing(thing))
     }
 
     /// Pushes the thing's state to its device; returns the new metadata.
     pub async fn update(&self, thing: &Thing) -> Result<String, CallError> {
-        match self.run(Op::Update(wit_thing(thing))).await? {
-            Answer::Updated(m) => Ok(m),
-            _ => unreachable!("update answers Updated"),
-        }
+        call_fresh!(self, call_update, &wit_thing(thing))
     }
 
     /// Removes the thing's device.
     pub async fn delete(&self, thing: &Thing) -> Result<(), CallError> {
-        match self.run(Op::Delete(wit_thing(thing))).await? {
-            Answer::Deleted => Ok(()),
-            _ => unreachable!("delete answers Deleted"),
-        }
+        call_fresh!(self, call_delete, &wit_thing(thing))
     }
 
     /// A long-lived instance for polling.
@@ -522,15 +500,16 @@ impl PollInstance {
         let broker = self.broker.clone();
         let live = &mut self.live;
         let work = async {
-            if live.is_none() {
-                let slot = broker.slot().await?;
-                let mut store = broker.new_store();
-                let guest = broker.pre.instantiate_async(&mut store).await?;
-                *live = Some((store, guest, slot));
-            }
-            let Some((store, guest, _)) = live.as_mut() else {
-                unreachable!("instance was just created");
+            let instance = match live.take() {
+                Some(instance) => instance,
+                None => {
+                    let slot = broker.slot().await?;
+                    let mut store = broker.new_store();
+                    let guest = broker.pre.instantiate_async(&mut store).await?;
+                    (store, guest, slot)
+                }
             };
+            let (store, guest, _) = live.insert(instance);
             store.data_mut().cpu.reset();
             guest
                 .para_broker_thing_broker()
