@@ -1,7 +1,8 @@
 //! The timers: one poll loop per loaded broker.
 //!
 //! Each round:
-//! 1. finishes any delete the API could not (the janitor),
+//! 1. finishes any delete the API could not (the janitor; at most twice per
+//!    `stale_create` period),
 //! 2. calls `poll(cursor)` on the broker's long-lived instance,
 //! 3. commits the returned changes and the new cursor in ONE transaction.
 //!
@@ -16,7 +17,7 @@ use crate::runtime::registry::{BrokerError, CallError, LoadedBroker, PollBatch};
 use crate::store::{Lifecycle, StateUpdate, Store};
 use serde_json::Value;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 /// How a poll loop is paced.
@@ -43,8 +44,15 @@ pub async fn run(
     let name = broker.name().to_string();
     let mut instance = broker.poll_instance();
     let mut failures: u32 = 0;
+    // Nothing can be stale for `stale_create`, so looking twice per that
+    // period is enough; polls themselves may run every few milliseconds.
+    let janitor_every = (settings.stale_create / 2).max(Duration::from_secs(1));
+    let mut next_janitor = Instant::now();
     loop {
-        janitor(&broker, store.as_ref(), settings.stale_create).await;
+        if Instant::now() >= next_janitor {
+            janitor(&broker, store.as_ref(), settings.stale_create).await;
+            next_janitor = Instant::now() + janitor_every;
+        }
         let delay = match round(&mut instance, &name, store.as_ref(), settings).await {
             Ok(hint) => {
                 failures = 0;

@@ -31,6 +31,13 @@ fn swapping_the_component_behind_a_broker_name_needs_no_rebuild() {
     assert_eq!(res.json()["deviceDetails"]["broker"], "hostile");
 }
 
+/// Creates a thing and returns its id.
+fn created_id(host: &Host, name: &str, broker: &str) -> String {
+    let res = post(host, name, broker);
+    assert_eq!(res.status, 201, "{}", String::from_utf8_lossy(&res.body));
+    res.json()["id"].as_str().unwrap_or_default().to_string()
+}
+
 fn state_of(host: &Host, id: &str) -> Value {
     host.call("GET", &format!("/v1/things/{id}"), None).json()["deviceState"].clone()
 }
@@ -39,10 +46,7 @@ fn state_of(host: &Host, id: &str) -> Value {
 fn poll_timer_brings_device_changes_into_device_state() {
     let dir = temp_dir("poll");
     let host = Host::start(&dir, &broker_config("Loop", &fixture("loopback"), ""));
-    let id = post(&host, "p", "Loop").json()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = created_id(&host, "p", "Loop");
     let res = host.call(
         "PATCH",
         &format!("/v1/things/{id}"),
@@ -73,10 +77,7 @@ fn a_crash_between_poll_and_commit_loses_nothing() {
     .replace("para.host.poll_interval_ms = 100\n", "");
     let id = {
         let host = Host::start(&dir, &slow);
-        let id = post(&host, "c", "Loop").json()["id"]
-            .as_str()
-            .unwrap()
-            .to_string();
+        let id = created_id(&host, "c", "Loop");
         let res = host.call(
             "PATCH",
             &format!("/v1/things/{id}"),

@@ -43,8 +43,8 @@ pub async fn authenticate(
     next: Next,
 ) -> Response {
     let (mut parts, body) = req.into_parts();
-    let limit = state.config.max_entity_size.saturating_add(1);
-    let bytes = match axum::body::to_bytes(body, limit).await {
+    // The one body-size check of the API: handlers get the buffered body.
+    let bytes = match axum::body::to_bytes(body, state.config.max_entity_size).await {
         Ok(b) => b,
         Err(_) => {
             return ApiError::bad_request(format!(

@@ -8,7 +8,7 @@
 //! fails the answer is the first failure's status and message.
 
 use super::error::ApiError;
-use super::things::{check_size, create_one, delete_one, read_one, write_through};
+use super::things::{create_one, delete_one, read_one, write_through};
 use super::{ApiState, Caller};
 use crate::model::ThingInput;
 use axum::Extension;
@@ -22,8 +22,7 @@ use std::sync::Arc;
 /// The most items one batch may carry.
 pub const MAX_BATCH: usize = 100;
 
-fn items(state: &ApiState, body: &Bytes) -> Result<Vec<Value>, ApiError> {
-    check_size(state, body)?;
+fn items(body: &Bytes) -> Result<Vec<Value>, ApiError> {
     let value: Value = serde_json::from_slice(body).map_err(|e| {
         ApiError::bad_request(format!(
             "Malformed JSON in the request body: {e}. Send a JSON array of things."
@@ -115,7 +114,7 @@ pub async fn create(
 ) -> Result<Response, ApiError> {
     let mut ok = Vec::new();
     let mut errors = Vec::new();
-    for (index, item) in items(&state, &body)?.into_iter().enumerate() {
+    for (index, item) in items(&body)?.into_iter().enumerate() {
         let result = match input_of(item) {
             Ok((input, _)) => create_one(&state, &caller, input).await,
             Err(e) => Err(e),
@@ -138,7 +137,7 @@ async fn update(
 ) -> Result<Response, ApiError> {
     let mut ok = Vec::new();
     let mut errors = Vec::new();
-    for (index, item) in items(&state, &body)?.into_iter().enumerate() {
+    for (index, item) in items(&body)?.into_iter().enumerate() {
         let result = match input_of(item) {
             Ok((input, Some(id))) => write_through(&state, &caller, &id, input, overwrite).await,
             Ok((input, None)) if overwrite => create_one(&state, &caller, input).await,

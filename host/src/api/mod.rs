@@ -46,14 +46,6 @@ pub struct Caller {
 
 /// Builds the router.
 pub fn router(state: Arc<ApiState>) -> Router {
-    // Bodies are checked against para.max_entity_size_bytes by the handlers,
-    // so that the answer is Para's 400 with a clear message; this outer cap
-    // only stops a client from streaming unbounded data.
-    let hard_cap = state
-        .config
-        .max_entity_size
-        .saturating_mul(2)
-        .max(64 * 1024);
     Router::new()
         .route("/v1/{type}", get(things::list).post(things::create))
         .route(
@@ -83,11 +75,13 @@ pub fn router(state: Arc<ApiState>) -> Router {
             )
         })
         .layer(middleware::from_fn(json_errors))
-        .layer(DefaultBodyLimit::max(hard_cap))
+        // The auth layer reads every /v1 body once, within
+        // para.max_entity_size_bytes (Para's 400), and hands it on whole.
+        .layer(DefaultBodyLimit::disable())
         .with_state(state)
 }
 
-/// Turns axum's own plain-text rejections (405, 413, bad paths) into
+/// Turns axum's own plain-text rejections (405, bad paths) into
 /// Para's JSON error shape.
 async fn json_errors(req: Request, next: Next) -> Response {
     let method = req.method().clone();
@@ -105,18 +99,10 @@ async fn json_errors(req: Request, next: Next) -> Response {
         StatusCode::METHOD_NOT_ALLOWED => format!(
             "Method {method} is not allowed here. Things take GET, POST on /v1/things and GET, PUT, PATCH, DELETE on /v1/things/{{id}}."
         ),
-        StatusCode::PAYLOAD_TOO_LARGE => {
-            "Request is too large. The limit is para.max_entity_size_bytes.".to_string()
-        }
         other => other
             .canonical_reason()
             .unwrap_or("Request failed")
             .to_string(),
-    };
-    let status = if status == StatusCode::PAYLOAD_TOO_LARGE {
-        StatusCode::BAD_REQUEST
-    } else {
-        status
     };
     ApiError::new(status, message).into_response()
 }

@@ -38,21 +38,10 @@ fn check_type(ty: &str) -> Result<(), ApiError> {
     }
 }
 
-/// Refuses a body over `para.max_entity_size_bytes`, as Para does (400).
-pub fn check_size(state: &ApiState, body: &Bytes) -> Result<(), ApiError> {
-    if body.len() > state.config.max_entity_size {
-        return Err(ApiError::bad_request(format!(
-            "Request is too large: the body has {} bytes and the limit is {} (para.max_entity_size_bytes).",
-            body.len(),
-            state.config.max_entity_size
-        )));
-    }
-    Ok(())
-}
-
 /// Parses and type-checks a request body as a thing.
-pub fn parse_body(state: &ApiState, body: &Bytes) -> Result<ThingInput, ApiError> {
-    check_size(state, body)?;
+/// (The auth layer has already refused bodies over
+/// `para.max_entity_size_bytes`.)
+pub fn parse_body(body: &Bytes) -> Result<ThingInput, ApiError> {
     let value: Value = serde_json::from_slice(body).map_err(|e| {
         ApiError::bad_request(format!(
             "Malformed JSON in the request body: {e}. Send a JSON object such as {{\"name\":\"MyThing\",\"serviceBroker\":\"Azure\"}}."
@@ -100,7 +89,7 @@ pub async fn create(
     body: Bytes,
 ) -> ApiResult {
     check_type(&ty)?;
-    let input = parse_body(&state, &body)?;
+    let input = parse_body(&body)?;
     let out = create_one(&state, &caller, input).await?;
     let location = format!("/v1/things/{}", out["id"].as_str().unwrap_or_default());
     Ok((
@@ -303,7 +292,7 @@ async fn update(
     overwrite: bool,
 ) -> ApiResult {
     check_type(ty)?;
-    let input = parse_body(state, body)?;
+    let input = parse_body(body)?;
     Ok(axum::Json(write_through(state, caller, id, input, overwrite).await?).into_response())
 }
 

@@ -4,6 +4,7 @@
 
 use super::bindings::wasi::config::store::{Error, Host};
 use super::state::BrokerState;
+use std::collections::BTreeMap;
 
 impl Host for BrokerState {
     fn get(&mut self, key: String) -> Result<Option<String>, Error> {
@@ -18,4 +19,15 @@ impl Host for BrokerState {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect())
     }
+}
+
+/// Expands `{key}` references in an allowlist entry with the broker's own
+/// config values. `None` when the entry names a key that is not set, so
+/// the caller can skip it (it then grants nothing).
+pub fn expand(entry: &str, keys: &BTreeMap<String, String>) -> Option<String> {
+    let mut expanded = entry.to_string();
+    for (k, v) in keys {
+        expanded = expanded.replace(&format!("{{{k}}}"), v);
+    }
+    (!expanded.contains('{')).then_some(expanded)
 }

@@ -14,6 +14,7 @@
 //! (`para.host.tls_ca_file`), so a broker can reach a private hub or the
 //! emulator over TLS.
 
+use super::config::expand;
 use http_body_util::BodyExt;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -86,16 +87,12 @@ impl EgressPolicy {
                 entry: entry.clone(),
                 why,
             };
-            let mut expanded = entry.clone();
-            for (k, v) in broker_config {
-                expanded = expanded.replace(&format!("{{{k}}}"), v);
-            }
-            if expanded.contains('{') {
+            let Some(expanded) = expand(entry, broker_config) else {
                 // The key is not set (yet): the entry allows nothing, and
                 // the broker reports its own missing config on each call.
                 tracing::warn!(broker, entry = %entry, "allowed_hosts entry names an unset config key; it allows nothing");
                 continue;
-            }
+            };
             let (https, rest) = if let Some(r) = expanded.strip_prefix("https://") {
                 (true, r)
             } else if let Some(r) = expanded.strip_prefix("http://") {

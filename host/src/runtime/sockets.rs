@@ -11,6 +11,7 @@
 //! addresses. An empty list grants no sockets at all (the default), and
 //! UDP is never granted.
 
+use super::config::expand;
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
@@ -64,14 +65,10 @@ impl SocketGrants {
     ) -> Self {
         let mut addrs = Vec::new();
         for entry in entries {
-            let mut expanded = entry.clone();
-            for (k, v) in broker_config {
-                expanded = expanded.replace(&format!("{{{k}}}"), v);
-            }
-            if expanded.contains('{') {
+            let Some(expanded) = expand(entry, broker_config) else {
                 tracing::warn!(broker, entry = %entry, "allowed_sockets entry names an unset config key; it grants nothing");
                 continue;
-            }
+            };
             let Some(target) = host_port(&expanded) else {
                 tracing::warn!(broker, entry = %entry, "allowed_sockets entry is not host:port; it grants nothing");
                 continue;

@@ -44,6 +44,7 @@ CREATE TABLE IF NOT EXISTS things (
     PRIMARY KEY (appid, id)
 );
 CREATE INDEX IF NOT EXISTS things_by_time ON things (appid, lifecycle, timestamp);
+CREATE INDEX IF NOT EXISTS things_unfinished ON things (lifecycle, lifecycle_at);
 CREATE TABLE IF NOT EXISTS poll_cursors (
     broker TEXT PRIMARY KEY,
     cursor TEXT NOT NULL
